@@ -1,0 +1,375 @@
+"""One typed configuration for the whole project.
+
+Each section is a frozen dataclass and a top-level key of ``params.yaml``.
+Presets (``tiny``, ``default``, ``paper``) are values of :class:`G2PConfig`,
+never separate code paths. Loading is strict: an unknown key or a value of the
+wrong type is a :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type."""
+
+
+# ----------------------------------------------------------------------------
+# Data: the synthetic benchmark and the validation rules
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The synthetic BIOSCAN-5M-layout benchmark (``g2p data synth``).
+
+    Difficulty knobs: ``num_orders``/``families_per_order``/``genera_per_family``/
+    ``species_per_genus`` set the number of species; ``trait_contrast`` scales how
+    far species traits drift per tree level (higher: easier to tell apart);
+    ``nuisance`` scales pose, position and lighting noise per image (higher:
+    harder). ``bergmann_coefficient`` is the relative body-size gain per degree of
+    absolute latitude (size = base * (1 + coef * |lat|)).
+    """
+
+    seed: int = 0
+    num_orders: int = 4
+    families_per_order: int = 3
+    genera_per_family: int = 2
+    species_per_genus: int = 3
+    unseen_species_per_genus: int = 1  # held-out species (key/val/test_unseen)
+    train_per_species: int = 40
+    val_per_species: int = 4
+    test_per_species: int = 6
+    key_unseen_per_species: int = 10
+    val_unseen_per_species: int = 4
+    test_unseen_per_species: int = 6
+    pretrain_records: int = 600  # unlabelled barcodes (and images), pretrain split
+    barcode_length: int = 658
+    barcode_length_jitter: int = 20  # lengths drawn in [len - j, len + j]
+    order_mutation_rate: float = 0.12
+    family_mutation_rate: float = 0.08
+    genus_mutation_rate: float = 0.05
+    species_mutation_rate: float = 0.03
+    individual_mutation_rate: float = 0.005
+    n_fraction_records: float = 0.05  # share of records carrying some N's
+    trait_contrast: float = 1.0
+    nuisance: float = 1.0
+    bergmann_coefficient: float = 0.008
+    image_size: int = 256
+    metadata_only: bool = False  # scale presets: write the CSV, no images
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Rules for ``g2p data validate`` (Great Expectations stage)."""
+
+    min_length: int = 200  # nt after normalisation
+    max_length: int = 660  # reads past this are trimmed, never rejected
+    max_n_fraction: float = 0.1
+    max_reject_fraction: float = 0.05  # the stage fails above this share
+    check_images: bool = True
+
+
+# ----------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    k: int = 4
+    stride: int = 4  # stride == k: non-overlapping k-mers
+    max_nucleotides: int = 660
+
+
+@dataclass(frozen=True)
+class ConditionerConfig:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    env_hidden_size: int = 64
+    dropout: float = 0.0
+    mlm_probability: float = 0.5  # BarcodeBERT-style masking share
+    pool_tokens: int = 0  # >0: average DNA context into this many tokens for cross-attention
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_size: int = 64
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    scaling_factor: float = 1.0
+    pretrained_path: str = ""  # local diffusers Stable Diffusion folder ("" = train our own)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    cross_attention_levels: tuple[bool, ...] = (False, True, True)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    pretrained_path: str = ""  # local diffusers Stable Diffusion folder ("" = train our own)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon"] = "epsilon"
+    condition_dropout: float = 0.1  # share of training examples with the null condition
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    patch_size: int = 2
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    temperature_init: float = 0.07
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 25
+    guidance_scale: float = 1.0  # aligner guidance w (0 = none)
+    cfg_scale: float = 3.0  # classifier-free guidance (1 = none)
+    negative_bank_size: int = 64
+
+
+@dataclass(frozen=True)
+class G2PConfig:
+    """The root: its fields are the top-level keys of ``params.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    # -- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "G2PConfig":
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_json(cls, s: str) -> "G2PConfig":
+        return cls.from_dict(json.loads(s))
+
+    def override(self, d: dict[str, Any]) -> "G2PConfig":
+        """A copy with the (possibly partial, nested) dict ``d`` applied on top."""
+        return _build(type(self), _deep_merge(self.to_dict(), d), "")
+
+    def set(self, dotted: str, value: Any) -> "G2PConfig":
+        """A copy with one dotted key (``"sampling.steps"``) replaced."""
+        parts = dotted.split(".")
+        patch: dict[str, Any] = {parts[-1]: value}
+        for p in reversed(parts[:-1]):
+            patch = {p: patch}
+        return self.override(patch)
+
+
+# ----------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------
+
+
+def _tiny() -> G2PConfig:
+    return G2PConfig(
+        data=DataConfig(
+            num_orders=2, families_per_order=2, genera_per_family=1, species_per_genus=2,
+            unseen_species_per_genus=1, train_per_species=3, val_per_species=1,
+            test_per_species=1, key_unseen_per_species=1, val_unseen_per_species=1,
+            test_unseen_per_species=1, pretrain_records=8, image_size=64,
+        ),
+        tokenizer=TokenizerConfig(k=4, stride=4),
+        conditioner=ConditionerConfig(
+            hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+            max_position_embeddings=200, env_hidden_size=16,
+        ),
+        vae=VAEConfig(image_size=32, block_out_channels=(8, 16), norm_num_groups=4),
+        unet=UNetConfig(
+            block_out_channels=(16, 32), cross_attention_levels=(False, True),
+            attention_head_dim=4, norm_num_groups=4,
+        ),
+        lora=LoRAConfig(rank=4, alpha=4),
+        aligner=AlignerConfig(width=32, num_layers=1, num_heads=2),
+        sampling=SamplingConfig(steps=4, negative_bank_size=8),
+    )
+
+
+def _default() -> G2PConfig:
+    return G2PConfig()
+
+
+def _paper() -> G2PConfig:
+    return G2PConfig(
+        data=DataConfig(image_size=256),
+        tokenizer=TokenizerConfig(k=3, stride=3),
+        conditioner=ConditionerConfig(
+            hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+            max_position_embeddings=1024, env_hidden_size=768,
+        ),
+        vae=VAEConfig(
+            image_size=256, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            norm_num_groups=32, scaling_factor=0.18215,
+            pretrained_path="models/stable-diffusion",
+        ),
+        unet=UNetConfig(
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_levels=(True, True, True, False), attention_head_dim=8,
+            norm_num_groups=32, pretrained_path="models/stable-diffusion",
+        ),
+        lora=LoRAConfig(rank=16, alpha=16),
+        diffusion=DiffusionConfig(beta_schedule="scaled_linear"),
+        aligner=AlignerConfig(patch_size=2, width=768, num_layers=6, num_heads=12),
+        sampling=SamplingConfig(steps=50, negative_bank_size=256),
+    )
+
+
+PRESETS = {"tiny": _tiny, "default": _default, "paper": _paper}
+
+
+def preset(name: str) -> G2PConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def load_params(path: str | Path = "params.yaml", *, preset_name: str | None = None) -> G2PConfig:
+    """Read ``params.yaml`` strictly; with ``preset_name`` it is applied on top of that preset."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    base = preset(preset_name) if preset_name else G2PConfig()
+    sections = {f.name for f in dataclasses.fields(G2PConfig)}
+    # params.yaml may hold sections for the pipeline's own stages (read by
+    # pipelines/); the model config takes its own sections and ignores none
+    # silently: keys outside both are errors.
+    extra = set(raw) - sections - set(PIPELINE_SECTIONS)
+    if extra:
+        raise ConfigError(f"params.yaml: unknown top-level key(s) {sorted(extra)}")
+    return base.override({k: v for k, v in raw.items() if k in sections})
+
+
+# Sections of params.yaml that belong to pipeline stages (training, evaluation,
+# serving) rather than the model; pipelines/ validates them itself.
+PIPELINE_SECTIONS: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------
+# strict builder
+# ----------------------------------------------------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls: type, d: Any, path: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {d!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{sorted(unknown)[0]} (known: {sorted(names)})")
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (tuple,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        item = args[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for a in get_args(tp):
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    raise ConfigError(f"{key}: unsupported type {tp}")

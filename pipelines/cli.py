@@ -1,0 +1,167 @@
+"""The ``g2p`` command line: one entry point, a thin edge over ``g2p`` and ``pipelines``.
+
+Every command parses its arguments and calls one importable function; heavy
+imports happen inside the handlers so ``g2p --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config(args: argparse.Namespace):
+    """The typed config: ``--params`` (default ``params.yaml`` if present) over ``--preset``."""
+    from g2p.config import load_params, preset
+
+    params = getattr(args, "params", None)
+    name = getattr(args, "preset", None)
+    if params and Path(params).exists():
+        return load_params(params, preset_name=name)
+    if params and params != "params.yaml":
+        raise SystemExit(f"--params: file {params!r} not found")
+    return preset(name or "default")
+
+
+def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
+    p.add_argument("--preset", default=preset_default, choices=["tiny", "default", "paper"],
+                   help="preset the params file is applied on top of (default: default)")
+
+
+# ----------------------------------------------------------------------------
+# handlers
+# ----------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from g2p.config import preset
+    from g2p.data.synth import synthesise
+
+    cfg = preset(args.preset).data if args.params is None else _config(args).data
+    if args.seed is not None:
+        cfg = type(cfg)(**{**cfg.__dict__, "seed": args.seed})
+    summary = synthesise(Path(args.out), cfg, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from g2p.data.bioscan import import_bioscan
+
+    summary = import_bioscan(
+        Path(args.root), Path(args.out), splits=args.splits, max_per_species=args.max_per_species,
+        limit=args.limit, mode=args.mode, seed=args.seed, progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from pipelines.validation import ValidationFailed, validate_root
+
+    cfg = _config(args).validate
+    try:
+        summary = validate_root(Path(args.root), Path(args.out), cfg, progress=not args.quiet)
+    except ValidationFailed as e:
+        print(f"validation failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("records_in", "valid", "quarantined")}, indent=2))
+    return 0
+
+
+def cmd_config_dump(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = _config(args) if args.params else __import__("g2p.config").config.preset(args.preset or "default")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from g2p.generate import Generator, save_grid
+
+    gen = Generator.from_checkpoint(args.checkpoint)
+    images = gen.generate(
+        [args.barcode], [args.lat], [args.lon], n=args.n, steps=args.steps,
+        guidance_scale=args.guidance_scale, cfg_scale=args.cfg_scale, seed=args.seed,
+    )
+    save_grid(images[0], Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="g2p", description="G2PDiffusion: DNA barcode + place -> phenotype images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets: synthesise, import BIOSCAN-5M, validate")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    s = dsub.add_parser("synth", help="write the synthetic benchmark in the BIOSCAN-5M layout")
+    s.add_argument("--out", required=True, help="output root (gets bioscan5m/...)")
+    s.add_argument("--preset", default="default", choices=["tiny", "default", "paper", "large"])
+    s.add_argument("--params", default=None, help="take the data section from this params file instead")
+    s.add_argument("--seed", type=int, default=None, help="override data.seed")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_data_synth)
+
+    i = dsub.add_parser("import-bioscan", help="take a subset of a local BIOSCAN-5M download into the layout")
+    i.add_argument("--root", required=True, help="BIOSCAN-5M root (holds bioscan5m/metadata and bioscan5m/images)")
+    i.add_argument("--out", required=True, help="output root")
+    i.add_argument("--splits", nargs="+", default=None, help="splits to take (default: all)")
+    i.add_argument("--max-per-species", type=int, default=None, help="cap records per species (per split)")
+    i.add_argument("--limit", type=int, default=None, help="cap total records")
+    i.add_argument("--mode", choices=["copy", "link", "symlink"], default="link",
+                   help="how images come across: copy, hard link (falls back to copy), or symlink")
+    i.add_argument("--seed", type=int, default=0, help="seed for subsampling")
+    i.add_argument("--quiet", action="store_true")
+    i.set_defaults(func=cmd_data_import)
+
+    v = dsub.add_parser("validate", help="Great Expectations checks; writes valid/quarantine/summary/Data Docs")
+    v.add_argument("--root", required=True, help="dataset root in the BIOSCAN-5M layout")
+    v.add_argument("--out", required=True, help="output folder")
+    _add_config_args(v)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_data_validate)
+
+    c = sub.add_parser("config", help="show the typed configuration")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    d = csub.add_parser("dump", help="print a preset (or params.yaml over it) as YAML")
+    d.add_argument("--preset", default="default", choices=["tiny", "default", "paper"])
+    d.add_argument("--params", default=None, help="apply this params file on top of the preset")
+    d.set_defaults(func=cmd_config_dump)
+
+    g = sub.add_parser("generate", help="generate phenotype images for one barcode and place")
+    g.add_argument("--checkpoint", required=True, help="generator folder (models/g2pdiffusion)")
+    g.add_argument("--barcode", required=True)
+    g.add_argument("--lat", type=float, default=None)
+    g.add_argument("--lon", type=float, default=None)
+    g.add_argument("--n", type=int, default=4, help="number of images")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps")
+    g.add_argument("--guidance-scale", type=float, default=1.0, help="aligner guidance w (0 = off)")
+    g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="PNG grid to write")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
