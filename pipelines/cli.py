@@ -75,7 +75,9 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 def cmd_config_dump(args: argparse.Namespace) -> int:
     import yaml
 
-    cfg = _config(args) if args.params else __import__("g2p.config").config.preset(args.preset or "default")
+    from g2p.config import preset
+
+    cfg = _config(args) if args.params else preset(args.preset)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 

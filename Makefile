@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+# Everything they need is installed here, into .venv at the repo root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU wheel on this machine; a GPU user installs their own torch build
+# first and runs `make install TORCH_SPEC=` (empty: keep what is there).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test bench clean-outputs
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: materialise the data version data.dvc records (dvc pull, or
+# synthesise the embedded default where no remote is configured), then run
+# the pipeline.
+run: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/materialise_data.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+bench: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m benchmarks
+
+clean-outputs:
+	rm -rf outputs
