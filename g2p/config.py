@@ -109,8 +109,13 @@ class VAEConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16
-    scaling_factor: float = 1.0
+    scaling_factor: float = 1.0  # latents are multiplied by this (SD 1.x: 0.18215); re-estimate after training
     pretrained_path: str = ""  # local diffusers Stable Diffusion folder ("" = train our own)
+    # Training loss (g2p.models.vae.vae_loss): pixels that differ from the light
+    # background weigh ``foreground_weight`` times more; KL is a mean per latent element.
+    foreground_weight: float = 10.0
+    background_threshold: float = 0.1  # max channel distance (in [-1, 1] units) that still counts as background
+    kl_weight: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,12 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon"] = "epsilon"
     condition_dropout: float = 0.1  # share of training examples with the null condition
+    # Training timesteps: "uniform" over [0, T), or "logit_normal" (Esser et al. 2024):
+    # t / T = sigmoid(mean + std * n), n ~ N(0, 1); mean 0 favours mid noise, mean > 0 high noise,
+    # where layout and colour are decided (see design/CPU-BUDGET.md).
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,8 @@ class AlignerConfig:
     num_layers: int = 2
     num_heads: int = 4
     temperature_init: float = 0.07
+    pooling: Literal["cls", "mean"] = "cls"
+    symmetric_loss: bool = False  # False: eq. 9 as written (image -> DNA); True: CLIP's two-way InfoNCE
 
 
 @dataclass(frozen=True)
