@@ -171,6 +171,28 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """One training stage's optimisation knobs (each stage has its own section).
+
+    The paper's settings (Adam, lr 1e-5, batch 128, cosine schedule, 100k steps)
+    are the ``paper`` preset's ``train_diffusion``.
+    """
+
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 = no EMA of the trained weights
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class G2PConfig:
     """The root: its fields are the top-level keys of ``params.yaml``."""
 
@@ -184,6 +206,11 @@ class G2PConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pretrain_conditioner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=1e-3))
+    train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=16, lr=1e-3))
+    train_base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, lr=1e-3, ema_decay=0.99))
+    train_diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=5e-4, ema_decay=0.99))
+    train_aligner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3))
 
     # -- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +245,9 @@ class G2PConfig:
 # ----------------------------------------------------------------------------
 
 
+TRAIN_STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner")
+
+
 def _tiny() -> G2PConfig:
     return G2PConfig(
         data=DataConfig(
@@ -239,6 +269,8 @@ def _tiny() -> G2PConfig:
         lora=LoRAConfig(rank=4, alpha=4),
         aligner=AlignerConfig(width=32, num_layers=1, num_heads=2),
         sampling=SamplingConfig(steps=4, negative_bank_size=8),
+        **{stage: TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10)
+           for stage in TRAIN_STAGES},
     )
 
 
@@ -268,6 +300,12 @@ def _paper() -> G2PConfig:
         diffusion=DiffusionConfig(beta_schedule="scaled_linear"),
         aligner=AlignerConfig(patch_size=2, width=768, num_layers=6, num_heads=12),
         sampling=SamplingConfig(steps=50, negative_bank_size=256),
+        pretrain_conditioner=TrainConfig(steps=100_000, batch_size=128, lr=1e-4, warmup_steps=1000),
+        train_vae=TrainConfig(steps=0, batch_size=16, lr=1e-5),  # loaded from Stable Diffusion
+        train_base=TrainConfig(steps=0, batch_size=128, lr=1e-5),  # loaded from Stable Diffusion
+        train_diffusion=TrainConfig(steps=100_000, batch_size=128, lr=1e-5, warmup_steps=500,
+                                    ema_decay=0.9999, log_every=50, checkpoint_every=5000),
+        train_aligner=TrainConfig(steps=20_000, batch_size=128, lr=1e-4, warmup_steps=500),
     )
 
 
