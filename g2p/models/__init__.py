@@ -1,0 +1,1 @@
+"""Model pieces: conditioner, VAE, UNet (+LoRA), aligner."""
