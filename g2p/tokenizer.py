@@ -132,9 +132,12 @@ class KmerTokenizer(PreTrainedTokenizer):
     # -- the slow, per-string path (the reference the fast path is tested against)
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         seq = normalise_barcode(text)[: self.max_nucleotides]
-        return [seq[i : i + self.k] for i in range(0, num_kmers(len(seq), self.k, self.stride) * self.stride, self.stride)]
+        n = num_kmers(len(seq), self.k, self.stride)
+        return [seq[i : i + self.k] for i in range(0, n * self.stride, self.stride)]
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         if token_ids_1 is not None:
             raise ValueError("KmerTokenizer encodes one barcode per sequence; pairs are not supported")
         return [ENV_ID] + list(token_ids_0)

@@ -18,8 +18,9 @@ Notation: B batch, L tokens (``[ENV]`` + k-mers + padding, see
    then the DNA token states averaged (masked) into P consecutive chunks of each
    barcode's own length (chunk of token i = floor(i * P / n)). Fewer keys make
    cross-attention cheaper on a CPU; chunking by each row's own length (not the
-   padded length) keeps the result independent of padding. A barcode with
-   fewer than P k-mers leaves empty chunks: zero vectors with mask 0.
+   padded length) keeps the result independent of padding, and chunk j stays
+   the j-th P-th of the barcode whatever its length. A barcode with fewer than
+   P k-mers leaves some chunks empty: zero vectors with mask 0.
 
 Padding never changes ``pooled`` or the non-pad ``context`` (tested): padded keys
 are masked in attention, position ids of real tokens do not move (right
@@ -126,7 +127,9 @@ class Conditioner(nn.Module):
             )
         is_env = input_ids == ENV_ID  # (B, L)
         if not bool((is_env.sum(1) == 1).all()):
-            raise ValueError("input_ids: every row needs exactly one [ENV] token (tokenize with add_special_tokens=True)")
+            raise ValueError(
+                "input_ids: every row needs exactly one [ENV] token (tokenize with add_special_tokens=True)"
+            )
         words = self.bert.embeddings.word_embeddings(input_ids)  # (B, L, d)
         h_e = self.env(lat, lon, has_place).to(words.dtype)  # (B, d)
         embeds = torch.where(is_env[..., None], h_e[:, None, :], words)  # (B, L, d)
