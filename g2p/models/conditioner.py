@@ -184,7 +184,9 @@ class Conditioner(nn.Module):
     ) -> torch.Tensor:
         """BarcodeBERT-style masked k-mer prediction (see the module docstring); a scalar."""
         maskable = attention_mask.bool() & (input_ids >= NUM_SPECIAL) & (input_ids != UNK_ID)  # (B, L)
-        draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # (B, L)
+        # drawn on the generator's own device (a CPU generator can mask a CUDA batch)
+        where = generator.device if generator is not None else input_ids.device
+        draw = torch.rand(input_ids.shape, generator=generator, device=where).to(input_ids.device)  # (B, L)
         chosen = maskable & (draw < self.cfg.mlm_probability)  # (B, L)
         masked_ids = torch.where(chosen, torch.full_like(input_ids, MASK_ID), input_ids)  # (B, L)
         h = self.encode_tokens(masked_ids, attention_mask, lat, lon, has_place)  # (B, L, d)
