@@ -87,14 +87,24 @@ def load_module(path: str | Path, module: nn.Module, expected: G2PConfig | None 
     return module
 
 
-def check_architecture(saved: G2PConfig, expected: G2PConfig, sections: tuple[str, ...],
-                       where: str = "checkpoint") -> None:
+# Sections whose fields shape the weights, and the fields in them that do not
+# (training knobs, where weights came from, measured values a checkpoint owns).
+ARCHITECTURE_SECTIONS = ("tokenizer", "conditioner", "vae", "unet", "lora", "aligner", "diffusion")
+NOT_ARCHITECTURE = frozenset({
+    "pretrained_path", "dropout", "mlm_probability", "foreground_weight", "background_threshold",
+    "kl_weight", "scaling_factor", "temperature_init", "symmetric_loss", "condition_dropout",
+    "timestep_sampling", "timestep_logit_mean", "timestep_logit_std",
+})
+
+
+def check_architecture(saved: G2PConfig, expected: G2PConfig,
+                       sections: tuple[str, ...] = ARCHITECTURE_SECTIONS, where: str = "checkpoint") -> None:
     """Raise :class:`ArchitectureMismatch` naming the first differing ``section.field``."""
     for sec in sections:
         a, b = getattr(saved, sec), getattr(expected, sec)
         for f in dataclasses.fields(a):
-            if f.name == "pretrained_path":
-                continue  # where weights came from is not architecture
+            if f.name in NOT_ARCHITECTURE:
+                continue
             va, vb = getattr(a, f.name), getattr(b, f.name)
             if va != vb:
                 raise ArchitectureMismatch(
