@@ -120,3 +120,38 @@ def test_golden_slice_end_to_end():
 
 # torch 2.13 CPU, diffusers 0.42.1; regenerate (printed with -s) only for a deliberate change
 GOLDEN = [-0.8562, -0.3245, -0.0177, 0.0448, 0.4426, -0.1568]
+
+
+def test_conditioner_to_loss_to_sample():
+    """Barcode + place -> Conditioner -> eq. 6 gradient reaches the conditioner; -> guided sample."""
+    from g2p.diffusion.losses import diffusion_loss
+    from g2p.diffusion.schedule import build_train_scheduler
+    from g2p.models.conditioner import Conditioner
+    from g2p.tokenizer import build_tokenizer
+
+    ccfg = CFG.conditioner.__class__(hidden_size=D, num_layers=1, num_heads=2, intermediate_size=32,
+                                     max_position_embeddings=64, env_hidden_size=8, pool_tokens=4)
+    torch.manual_seed(0)
+    cond = Conditioner.from_config(ccfg, CFG.tokenizer.__class__(k=4, stride=4, max_nucleotides=200))
+    tok = build_tokenizer(CFG.tokenizer.__class__(k=4, stride=4, max_nucleotides=200))
+    g = torch.Generator().manual_seed(0)
+    barcodes = ["".join("ACGT"[i] for i in torch.randint(0, 4, (n,), generator=g)) for n in (120, 90)]
+    enc = tok(barcodes, padding=True, return_tensors="pt")
+    out = cond(enc["input_ids"], enc["attention_mask"], torch.tensor([10.0, -40.0]), torch.tensor([5.0, 120.0]),
+               torch.tensor([True, False]))
+    z0 = torch.randn(2, *latent_shape(CFG), generator=g)
+    den = tiny_denoiser(CFG)
+    loss = diffusion_loss(den, z0, out.context, out.context_mask, build_train_scheduler(CFG.diffusion),
+                          CFG.diffusion, g)
+    loss.backward()
+    assert cond.bert.embeddings.word_embeddings.weight.grad is not None
+    with torch.no_grad():
+        out = cond(enc["input_ids"], enc["attention_mask"], torch.tensor([10.0, -40.0]),
+                   torch.tensor([5.0, 120.0]), torch.tensor([True, False]))
+    z = sample_latents(
+        den.eval(), build_sampling_scheduler(CFG.diffusion, CFG.sampling), out.context, out.context_mask,
+        out.pooled, latent_shape=latent_shape(CFG), num_inference_steps=3, num_samples=2, cfg_scale=2.0,
+        guidance_scale=1.0, cond_fn=make_aligner_cond_fn(ALIGNER, torch.randn(3, D)),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert z.shape == (4, *latent_shape(CFG)) and torch.isfinite(z).all()

@@ -13,6 +13,7 @@ from g2p.models.unet import (
     Denoiser,
     add_lora,
     build_unet,
+    freeze_base,
     get_lora_state_dict,
     load_lora_adapter,
     save_lora_adapter,
@@ -75,6 +76,10 @@ def test_lora_only_adapter_and_null_context_train():
     names = [n for n, _ in trainable_parameters(den)]
     assert "null_context" in names and all("lora_" in n for n in names if n != "null_context")
     assert len(names) > 1
+    for p in den.parameters():  # freeze_base reaches the same split from a fully trainable model
+        p.requires_grad_(True)
+    freeze_base(den)
+    assert [n for n, _ in trainable_parameters(den)] == names
     x, _, ctx, mask = _inputs(cfg)
     loss = diffusion_loss(den, x, ctx, mask, build_train_scheduler(cfg.diffusion),
                           cfg.diffusion.__class__(condition_dropout=0.5), torch.Generator().manual_seed(0))

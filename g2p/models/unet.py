@@ -129,10 +129,14 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig, adapter_name: str = "d
     )
 
 
-def freeze_base(module: nn.Module) -> None:
-    """Freeze every parameter of ``module`` except LoRA matrices (names holding ``lora_``)."""
+def freeze_base(module: nn.Module, keep: tuple[str, ...] = ("lora_", "null_context")) -> None:
+    """Freeze every parameter of ``module`` except those whose name holds one of ``keep``.
+
+    The default trains what LoRA finetuning of the paper trains: the adapter
+    matrices, plus the Denoiser's learned null context.
+    """
     for name, p in module.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_(any(k in name for k in keep))
 
 
 def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
