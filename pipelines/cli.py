@@ -60,9 +60,9 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    cfg = _config(args).validate  # a bad params file fails before the slow GX import
     from pipelines.validation import ValidationFailed, validate_root
 
-    cfg = _config(args).validate
     try:
         summary = validate_root(Path(args.root), Path(args.out), cfg, progress=not args.quiet)
     except ValidationFailed as e:
