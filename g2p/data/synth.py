@@ -148,7 +148,7 @@ def _render_all(jobs: list[tuple[str, dict[str, float]]], size: int, progress: b
     batches = [(jobs[i: i + IMAGE_BATCH], size) for i in range(0, len(jobs), IMAGE_BATCH)]
     workers = min(2, os.cpu_count() or 1)
     if workers > 1 and len(jobs) >= 4 * IMAGE_BATCH:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        ctx = mp.get_context("spawn")  # no fork of a process that runs Arrow threads
         with ctx.Pool(workers) as pool:
             for k in pool.imap_unordered(_render_batch, batches):
                 bar.update(k)
