@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # first and runs `make install TORCH_SPEC=` (empty: keep what is there).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test bench clean-outputs
+.PHONY: install run test bench check-bioscan-package clean-outputs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: install
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+# The official bioscan-dataset package reading a synthetic root, in its own venv
+# (torchvision does not install beside the CPU torch wheel): slow the first time.
+check-bioscan-package: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m bioscan_package tests/integration/test_bioscan_package.py
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m benchmarks
