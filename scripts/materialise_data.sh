@@ -35,7 +35,7 @@ if [[ -d data ]]; then
   exit 1
 fi
 echo "data/: no DVC remote configured; synthesising the embedded default benchmark"
-g2p data synth --out data --preset default
+g2p data synth --out data --params params.yaml --quiet
 if ! matches; then
   echo "error: the synthesised data does not hash to the version in data.dvc;" >&2
   echo "       the generator or its preset changed without 'dvc add data' being committed." >&2
