@@ -128,7 +128,10 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 16
     scaling_factor: float = 1.0  # latents are multiplied by this (SD 1.x: 0.18215); re-estimate after training
-    pretrained_path: str = ""  # local diffusers Stable Diffusion folder ("" = train our own)
+    # Local diffusers Stable Diffusion folder ("" = train our own). Its levels, latent channels and
+    # scaling factor must match the fields above; its widths, layers and groups are read from it
+    # and recorded in the model's config (G2PDiffusion.cfg), which a checkpoint carries.
+    pretrained_path: str = ""
     # Training loss (g2p.models.vae.vae_loss): pixels that differ from the light
     # background weigh ``foreground_weight`` times more; KL is a mean per latent element.
     foreground_weight: float = 10.0
@@ -143,7 +146,10 @@ class UNetConfig:
     cross_attention_levels: tuple[bool, ...] = (False, True, True)
     attention_head_dim: int = 8
     norm_num_groups: int = 16
-    pretrained_path: str = ""  # local diffusers Stable Diffusion folder ("" = train our own)
+    # Local diffusers Stable Diffusion folder ("" = train our own). Its cross_attention_dim must be
+    # conditioner.hidden_size; the fields above are then read from it and recorded in the model's
+    # config (G2PDiffusion.cfg), which a checkpoint carries.
+    pretrained_path: str = ""
 
 
 @dataclass(frozen=True)

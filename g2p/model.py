@@ -13,10 +13,12 @@ live in :mod:`g2p.train.stages`, sampling in :mod:`g2p.generate`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 
 from g2p.config import G2PConfig
@@ -34,16 +36,38 @@ class G2PDiffusion(nn.Module):
     aligner's guidance contrasts the true condition against them at sampling.
     """
 
-    def __init__(self, cfg: G2PConfig, *, from_pretrained: bool = True) -> None:
+    def __init__(self, cfg: G2PConfig, *, from_pretrained: bool = True,
+                 diffusers_configs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Build every component from ``cfg``.
+
+        The VAE and UNet come, in this order of precedence, from
+        ``diffusers_configs["vae" | "unet"]`` (a checkpoint's exact diffusers
+        configs, random weights to be loaded over), from the local Stable
+        Diffusion folder ``cfg.*.pretrained_path`` (when ``from_pretrained``),
+        or from ``cfg``'s fields. A loaded folder is the truth about its own
+        architecture: ``self.cfg`` records its widths, levels and groups, so the
+        config a checkpoint carries describes the weights in it.
+        """
         super().__init__()
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.conditioner = Conditioner.from_config(cfg.conditioner, cfg.tokenizer)
         d = cfg.conditioner.hidden_size
-        use_vae = from_pretrained and bool(cfg.vae.pretrained_path)
-        use_unet = from_pretrained and bool(cfg.unet.pretrained_path)
-        self.vae = load_vae(cfg.vae) if use_vae else build_vae(cfg.vae)
-        unet = load_unet(cfg.unet, cfg.vae, d) if use_unet else build_unet(cfg.unet, cfg.vae, d)
+        given = diffusers_configs or {}
+        use_vae = from_pretrained and bool(cfg.vae.pretrained_path) and "vae" not in given
+        use_unet = from_pretrained and bool(cfg.unet.pretrained_path) and "unet" not in given
+        if "vae" in given:
+            self.vae = AutoencoderKL.from_config(dict(given["vae"]))
+        else:
+            self.vae = load_vae(cfg.vae) if use_vae else build_vae(cfg.vae)
+        if "unet" in given:
+            unet = UNet2DConditionModel.from_config(dict(given["unet"]))
+        else:
+            unet = load_unet(cfg.unet, cfg.vae, d) if use_unet else build_unet(cfg.unet, cfg.vae, d)
+        if use_vae:
+            self.cfg = self.cfg.override({"vae": _vae_architecture(self.vae)})
+        if use_unet:
+            self.cfg = self.cfg.override({"unet": _unet_architecture(unet)})
         self.denoiser = Denoiser(unet)
         self.aligner = Aligner(cfg.aligner, cfg.vae.latent_channels, latent_size(cfg.vae), d)
         self.register_buffer("negative_bank", torch.zeros(0, d), persistent=False)
@@ -95,8 +119,12 @@ class G2PDiffusion(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        nets = {"vae": self.vae, "denoiser": self.denoiser.unet}
         for name in COMPONENTS:
-            save_module(out / f"{name}.safetensors", getattr(self, name), self.cfg, name)
+            # The VAE's and UNet's own diffusers configs travel too: a UNet loaded
+            # from a Stable Diffusion folder has settings cfg has no field for.
+            extra = {DIFFUSERS_CONFIG_KEY: _diffusers_config_json(nets[name])} if name in nets else None
+            save_module(out / f"{name}.safetensors", getattr(self, name), self.cfg, name, extra=extra)
         save_module(out / "negative_bank.safetensors", {"negative_bank": self.negative_bank}, self.cfg,
                     "negative_bank")
         if self.has_lora:  # also in the format diffusers' load_lora_weights reads
@@ -113,7 +141,7 @@ class G2PDiffusion(nn.Module):
         the field (``unet.block_out_channels is ... in the checkpoint but ...``).
         """
         from g2p.train.checkpoint import (
-            check_architecture, config_from_checkpoint, load_module, load_state_dict,
+            check_architecture, config_from_checkpoint, load_module, load_state_dict, read_metadata,
         )
 
         src = Path(directory)
@@ -122,7 +150,14 @@ class G2PDiffusion(nn.Module):
         saved = config_from_checkpoint(src / "denoiser.safetensors")
         if cfg is not None:
             check_architecture(saved, cfg, where=str(src))
-        model = cls(saved, from_pretrained=False)
+        # Rebuild the VAE and UNet from their saved diffusers configs (older
+        # checkpoints without them: from the saved cfg's fields), never from a folder.
+        nets = {}
+        for net, name in (("vae", "vae"), ("unet", "denoiser")):
+            raw = read_metadata(src / f"{name}.safetensors").get(DIFFUSERS_CONFIG_KEY)
+            if raw is not None:
+                nets[net] = json.loads(raw)
+        model = cls(saved, from_pretrained=False, diffusers_configs=nets)
         if json.loads((src / "lora_state.json").read_text())["has_lora"]:
             model.add_lora()
         for name in COMPONENTS:
@@ -134,3 +169,33 @@ class G2PDiffusion(nn.Module):
 # Modules saved one file each; the LoRA adapter travels inside denoiser.safetensors
 # (peft's key names) and again under lora/ in diffusers' format.
 COMPONENTS = ("conditioner", "vae", "denoiser", "aligner")
+DIFFUSERS_CONFIG_KEY = "diffusers_config"  # safetensors metadata of vae/denoiser: the module's own config
+
+
+def _diffusers_config_json(net: AutoencoderKL | UNet2DConditionModel) -> str:
+    """The module's diffusers config as JSON, without the local folder it was read from."""
+    conf = json.loads(net.to_json_string())
+    conf.pop("_name_or_path", None)
+    return json.dumps(conf, sort_keys=True)
+
+
+def _unet_architecture(unet: UNet2DConditionModel) -> dict[str, Any]:
+    """The :class:`UNetConfig` fields a loaded UNet actually has (those the config can express)."""
+    c = unet.config
+    arch: dict[str, Any] = {
+        "block_out_channels": list(c.block_out_channels),
+        "cross_attention_levels": ["CrossAttn" in t for t in c.down_block_types],
+        "norm_num_groups": c.norm_num_groups,
+    }
+    # SD 2.x gives per-level lists here; cfg has one int, the diffusers config keeps the list.
+    for name in ("layers_per_block", "attention_head_dim"):
+        if isinstance(getattr(c, name), int):
+            arch[name] = getattr(c, name)
+    return arch
+
+
+def _vae_architecture(vae: AutoencoderKL) -> dict[str, Any]:
+    """The :class:`VAEConfig` fields a loaded VAE actually has (levels, latent channels and scale are checked)."""
+    c = vae.config
+    return {"block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
+            "norm_num_groups": c.norm_num_groups}

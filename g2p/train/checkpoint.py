@@ -36,12 +36,16 @@ class ArchitectureMismatch(ValueError):
 
 
 def save_module(path: str | Path, module: nn.Module | dict[str, torch.Tensor], config: G2PConfig,
-                component: str) -> None:
-    """Write a module's state dict (contiguous, detached) with the config in the metadata."""
+                component: str, extra: dict[str, str] | None = None) -> None:
+    """Write a module's state dict (contiguous, detached) with the config in the metadata.
+
+    ``extra`` adds string metadata (e.g. a diffusers module's own config) beside it.
+    """
     sd = module.state_dict() if isinstance(module, nn.Module) else module
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={CONFIG_KEY: config.to_json(), COMPONENT_KEY: component})
+    meta = {**(extra or {}), CONFIG_KEY: config.to_json(), COMPONENT_KEY: component}
+    save_file(tensors, str(path), metadata=meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
