@@ -6,7 +6,7 @@ with ``padding=True, truncation=True, return_tensors="pt"`` as a training or
 data-preparation step would. Prints one line per (k, stride). Goal: >= 100k/s
 on 2 CPU cores for the configured k-mer sizes.
 
-    python benchmarks/bench_tokenizer.py [--n 100000] [--repeats 3]
+    python benchmarks/bench_tokenizer.py [--n 100000] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ def bench(tok: KmerTokenizer, barcodes: list[str], repeats: int) -> float:
     return len(barcodes) / best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="10k barcodes, one repeat (a smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = min(args.n, 10_000), 1
     barcodes = make_barcodes(args.n)
     for k, stride in [(4, 4), (3, 3), (5, 5), (3, 1), (6, 1)]:
         rate = bench(KmerTokenizer(k=k, stride=stride), barcodes, args.repeats)
