@@ -1,0 +1,59 @@
+"""A tiny BIOSCAN-5M download in the official layout, from the 25 real records.
+
+Why real records: the importer and the validator must accept what the real
+dataset holds (574-668 nt reads with N's, unlabelled pretrain records, chunk
+folders), not just what our synthesiser writes. The shared sample lacks the
+official ``taxon`` column and the images; the builder adds ``taxon`` as the
+dataset defines it (the most specific rank name present) and writes a small
+placeholder JPEG at each record's official path. Records: BIOSCAN-5M (CC BY
+3.0), credit the BIOSCAN project.
+
+Use in a test module: ``from tests.fixtures import bioscan_sample_root  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from g2p.data.layout import COLUMNS, METADATA_RELPATH, chunk_for, image_relpath
+
+SAMPLE_CSV = Path("/work/shared/bioscan-sample/bioscan5m_sample_25.csv")
+_RANKS = ("species", "genus", "subfamily", "family", "order", "class", "phylum")  # most specific first
+
+
+def sample_records() -> pd.DataFrame:
+    """The 25 real records as text (empty fields as ''), with ``taxon``, in official column order."""
+    df = pd.read_csv(SAMPLE_CSV, dtype=str, keep_default_na=False)
+    ranks = df[list(_RANKS)].replace("", pd.NA)
+    df["taxon"] = ranks.bfill(axis=1).iloc[:, 0].fillna("")
+    return df[list(COLUMNS)]
+
+
+def write_placeholder_jpeg(path: Path, key: str, size: int = 16) -> None:
+    """A small solid-colour JPEG (colour from ``key``), standing in for a cropped insect photo."""
+    rgb = tuple(hashlib.md5(key.encode()).digest()[:3])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), rgb).save(path, format="JPEG", quality=90)
+
+
+def build_root(root: Path, records: pd.DataFrame | None = None, images: bool = True) -> Path:
+    """Write ``records`` (default: the 25 real ones) and their images under ``root``."""
+    df = sample_records() if records is None else records
+    meta = root / METADATA_RELPATH
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(meta, index=False)
+    if images:
+        for pid, split in zip(df["processid"], df["split"]):
+            write_placeholder_jpeg(root / image_relpath(pid, split, chunk_for(pid, split)), pid)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bioscan_sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only root in the BIOSCAN-5M layout holding the 25 real records and images."""
+    return build_root(tmp_path_factory.mktemp("bioscan_sample"))

@@ -1,0 +1,173 @@
+"""``g2p data validate`` with real Great Expectations (pipelines.validation).
+
+Real records pass; a crafted root holding one record of every kind of fault
+sends each to quarantine with exactly its reasons, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from g2p.config import ValidateConfig
+from g2p.data.layout import METADATA_RELPATH, chunk_for, image_relpath
+from pipelines.validation import ValidationFailed, validate_root
+from tests.fixtures import bioscan_sample_root, build_root, sample_records, write_placeholder_jpeg  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+LENIENT = ValidateConfig(max_reject_fraction=1.0)
+
+
+def _crafted() -> tuple[pd.DataFrame, dict[str, set[str]], list[str]]:
+    """The 25 real records plus faulty ones; returns (records, processid -> expected rules, no-image pids)."""
+    real = sample_records()
+    base = real[real["split"] == "pretrain"].iloc[0]
+    bc = base["dna_barcode"]
+    rows, expect = [], {}
+
+    def add(pid: str, rules: set[str], **fields: str) -> None:
+        r = base.copy()
+        r["processid"], r["sampleid"] = pid, "S" + pid
+        for k, v in fields.items():
+            r[k.replace("_", "-") if k.startswith("coord") else k] = v
+        r["chunk"] = chunk_for(pid, r["split"]) if r["split"] in ("pretrain", "train") else ""
+        rows.append(r)
+        expect[pid] = rules
+
+    add("BAD-ALPHA", {"dna_barcode.alphabet"}, dna_barcode=bc[:300] + "XJ" + bc[302:])
+    add("BAD-SHORT", {"dna_barcode.length"}, dna_barcode=bc[:150])
+    add("BAD-MANYN", {"dna_barcode.n_fraction"}, dna_barcode="N" * 120 + bc[120:])
+    add("BAD-LAT95", {"coord-lat.range"}, coord_lat="95")
+    add("BAD-LON200", {"coord-lon.range"}, coord_lon="-200")
+    add("BAD-LATONLY", {"coordinates.both_or_neither"}, coord_lon="")
+    add("BAD-NONNUM", {"coord-lat.numeric"}, coord_lat="north")
+    add("BAD-SPLIT", {"split.known"}, split="training")
+    add("BAD-NOIMG", {"image.present"})
+    add("BAD-CORRUPT", {"image.decodable"})
+    add("BAD-TRUNC", {"image.decodable"})
+    add("BAD-MANY", {"dna_barcode.alphabet", "coord-lat.range", "coordinates.both_or_neither"},
+        dna_barcode=bc.replace("A", "Z", 3), coord_lat="95.5", coord_lon="")
+    add("DUP-1", {"processid.unique"})
+    add("DUP-1", {"processid.unique"})
+    add("OK-NOPLACE", set(), coord_lat="", coord_lon="")
+    add("OK-MESSY", set(), dna_barcode="  " + bc[:50].lower() + "--" + bc[50:100].replace("A", "R", 2) + bc[100:])
+    df = pd.concat([real, pd.DataFrame(rows)], ignore_index=True)
+    return df, expect, ["BAD-NOIMG", "BAD-SPLIT"]
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]], pd.DataFrame]:
+    df, expect, no_image = _crafted()
+    root = tmp_path_factory.mktemp("crafted")
+    build_root(root, df, images=False)
+    for pid, split in zip(df["processid"], df["split"]):
+        if pid not in no_image:
+            write_placeholder_jpeg(root / image_relpath(pid, split), pid)
+    (root / image_relpath("BAD-CORRUPT", "pretrain")).write_bytes(b"not a jpeg at all")
+    good = (root / image_relpath("OK-MESSY", "pretrain")).read_bytes()
+    (root / image_relpath("BAD-TRUNC", "pretrain")).write_bytes(good[: len(good) // 2])
+    return root, expect, df
+
+
+@pytest.fixture(scope="module")
+def crafted_result(crafted, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root, _, _ = crafted
+    out = tmp_path_factory.mktemp("crafted_out")
+    return validate_root(root, out, LENIENT, progress=False), out
+
+
+def test_the_25_real_records_pass(bioscan_sample_root: Path, tmp_path: Path) -> None:
+    summary = validate_root(bioscan_sample_root, tmp_path, ValidateConfig(max_reject_fraction=0.0), progress=False)
+    assert summary["records_in"] == summary["valid"] == 25 and summary["quarantined"] == 0
+    assert summary["gx_success"] and summary["images_checked"] == 25
+    valid = pd.read_parquet(tmp_path / "valid.parquet")
+    src = pd.read_csv(bioscan_sample_root / METADATA_RELPATH, dtype=str, keep_default_na=False)
+    assert valid["processid"].tolist() == src["processid"].tolist()
+    assert valid["dna_barcode"].tolist() == [s[:660] for s in src["dna_barcode"]]  # normalised
+    long = [s if len(s) > 660 else None for s in src["dna_barcode"]]
+    assert valid["dna_barcode_raw"].replace({float("nan"): None}).tolist() == long and any(long)  # where it changed
+    assert valid["has_place"].all() and valid["coord-lat"].dtype == "float64"
+    assert (tmp_path / "data_docs" / "index.html").is_file()
+
+
+def test_every_fault_is_quarantined_with_exactly_its_reasons(crafted, crafted_result) -> None:
+    root, expect, df = crafted
+    summary, out = crafted_result
+    q = pd.read_parquet(out / "quarantine.parquet")
+    v = pd.read_parquet(out / "valid.parquet")
+    assert summary["records_in"] == len(df) == summary["valid"] + summary["quarantined"] == len(v) + len(q)
+    bad = {p for p, rules in expect.items() if rules}
+    assert set(q["processid"]) == bad and len(q) == len(bad) + 1  # both DUP-1 copies
+    for _, row in q.iterrows():
+        reasons = json.loads(row["reasons"])
+        assert {r["rule"] for r in reasons} == expect[row["processid"]] == set(row["rules"]), row["processid"]
+        assert all(r["column"] and r["expectation"].startswith("expect_") for r in reasons)
+    by_pid = q.set_index("processid")
+    assert json.loads(by_pid.loc["BAD-NONNUM", "reasons"])[0]["value"] == "north"
+    assert json.loads(by_pid.loc["BAD-ALPHA", "reasons"])[0]["value"] == "JX"
+    many = {r["rule"]: r for r in json.loads(by_pid.loc["BAD-MANY", "reasons"])}
+    assert many["coordinates.both_or_neither"]["column"] == "coord-lon" and many["coord-lat.range"]["value"] == 95.5
+    assert json.loads(by_pid.loc["BAD-NOIMG", "reasons"])[0]["value"].endswith("BAD-NOIMG.jpg")
+
+
+def test_nothing_is_lost(crafted, crafted_result) -> None:
+    """Quarantine keeps each rejected record's source text; valid keeps the rest."""
+    _, _, df = crafted
+    _, out = crafted_result
+    q = pd.read_parquet(out / "quarantine.parquet")
+    src = df.reset_index(drop=True)
+    for col in ("processid", "sampleid", "dna_barcode", "coord-lat", "coord-lon", "split", "taxon"):
+        got = q[col].fillna("").astype(str).tolist()
+        assert got == src.loc[q["row"], col].tolist(), col
+    v = pd.read_parquet(out / "valid.parquet")
+    assert sorted(v["processid"].tolist() + q["processid"].tolist()) == sorted(src["processid"].tolist())
+
+
+def test_no_place_is_valid_and_normalisation_is_not_a_fault(crafted_result) -> None:
+    summary, out = crafted_result
+    v = pd.read_parquet(out / "valid.parquet").set_index("processid")
+    assert not v.loc["OK-NOPLACE", "has_place"] and pd.isna(v.loc["OK-NOPLACE", "coord-lat"])
+    assert summary["valid_without_place"] == 1
+    messy = v.loc["OK-MESSY"]
+    assert messy["dna_barcode_raw"].startswith("  ") and set(messy["dna_barcode"]) <= set("ACGTN")
+    assert pd.isna(v.loc["OK-NOPLACE", "dna_barcode_raw"])
+
+
+def test_summary_reports_gx_counts_per_expectation(crafted_result) -> None:
+    summary, out = crafted_result
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    e = summary["expectations"]
+    assert e["processid.unique"]["unexpected_count"] == 2
+    assert e["image.decodable"]["unexpected_count"] == 2
+    assert e["dna_barcode.alphabet"]["unexpected_count"] == 2
+    assert e["coordinates.both_or_neither"]["expectation"] == "expect_column_pair_values_to_be_equal"
+    assert summary["gx_success"] is False and summary["gx_statistics"]["evaluated_expectations"] == len(e)
+    assert summary["worst_expectations"][0] in e and len(summary["worst_expectations"]) == 3
+    assert (out / "data_docs" / "index.html").is_file()
+    assert list((out / "data_docs" / "validations").rglob("*.html"))
+
+
+def test_too_many_rejects_fail_after_writing_everything(crafted, tmp_path: Path) -> None:
+    root, _, _ = crafted
+    with pytest.raises(ValidationFailed, match="worst expectations: ") as err:
+        validate_root(root, tmp_path, ValidateConfig(max_reject_fraction=0.1), progress=False)
+    for name in ("valid.parquet", "quarantine.parquet", "summary.json", "data_docs/index.html"):
+        assert (tmp_path / name).is_file(), name
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert not s["passed"] and s["records_in"] == s["valid"] + s["quarantined"] == err.value.summary["records_in"]
+    assert s["worst_expectations"][0] in str(err.value)
+
+
+def test_cli_validate_exit_codes(crafted, tmp_path: Path) -> None:
+    from pipelines.cli import main
+
+    root, _, _ = crafted
+    params = tmp_path / "params.yaml"
+    params.write_text("validate:\n  max_reject_fraction: 0.0\n")
+    assert main(["data", "validate", "--root", str(root), "--out", str(tmp_path / "o"),
+                 "--params", str(params), "--quiet"]) == 1
+    assert (tmp_path / "o" / "summary.json").is_file()
