@@ -151,10 +151,10 @@ def read_and_derive(root: Path, cfg: ValidateConfig) -> tuple[pa.Table, dict[str
             b, part = f.result()
             batches.append(b)
             parts.append(part)
-    if not batches:
-        schema = reader.schema.append(pa.field("_raw", pa.string())).append(pa.field("_tail", pa.string()))
-        return schema.empty_table(), _concat_parts([], schema)
-    return pa.Table.from_batches(batches), _concat_parts(parts, batches[0].schema)
+    if not batches:  # a header only: zero-length columns of the right kinds
+        b, part = _derive_batch(pa.RecordBatch.from_pylist([], schema=reader.schema), rules)
+        batches, parts = [b], [part]
+    return pa.Table.from_batches(batches), _concat_parts(parts)
 
 
 def _derive_batch(batch: pa.RecordBatch, rules: BarcodeRules) -> tuple[pa.RecordBatch, dict[str, Any]]:
@@ -196,15 +196,8 @@ def _changed_text(raw: pa.Array, changed: np.ndarray, trimmed_only: np.ndarray) 
     return wholes, tails
 
 
-def _concat_parts(parts: list[dict[str, Any]], schema: pa.Schema) -> dict[str, Any]:
-    if not parts:  # an empty file: zero-length columns of the right kinds
-        e_f, e_b, e_s = np.zeros(0), np.zeros(0, bool), pa.array([], pa.string())
-        parts = [{"barcode_length": np.zeros(0, np.int64), "n_fraction": e_f, "barcode_charset": e_s,
-                  "lat": e_f, "lon": e_f, "lat_given": e_b, "lon_given": e_b, "lat_unparsed": e_s,
-                  "lon_unparsed": e_s, "masks": {k: e_b for k in (
-                      "dna_barcode.alphabet", "dna_barcode.length", "dna_barcode.n_fraction",
-                      "coord-lat.numeric", "coord-lon.numeric", "coord-lat.range", "coord-lon.range",
-                      "coordinates.both_or_neither")}}]
+def _concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The blocks' derived columns end to end (numpy arrays, Arrow chunked arrays)."""
     out: dict[str, Any] = {}
     for k, v in parts[0].items():
         if k == "masks":
@@ -241,14 +234,13 @@ def derived_frame(d: dict[str, Any], with_images: bool) -> pd.DataFrame:
     """What GX judges: one row per record, the quantities the rules read."""
     codes = d["processid_code"]
     frame = pd.DataFrame({
-        "processid_code": pd.array(np.where(codes < 0, 0, codes), dtype="Int64"),
+        "processid_code": pd.arrays.IntegerArray(np.maximum(codes, 0), codes < 0),
         "split": d["split"].to_pandas(),
         "barcode_charset": d["barcode_charset"].to_pandas(), "barcode_length": d["barcode_length"],
         "n_fraction": d["n_fraction"], "coord-lat": d["lat"], "coord-lon": d["lon"],
         "coord-lat_unparsed": d["lat_unparsed"].to_pandas(), "coord-lon_unparsed": d["lon_unparsed"].to_pandas(),
         "coord-lat_given": d["lat_given"], "coord-lon_given": d["lon_given"],
     })
-    frame.loc[codes < 0, "processid_code"] = pd.NA
     if with_images:
         frame["image"] = pd.Series(d["image"], dtype="str")
     return frame

@@ -93,3 +93,15 @@ def test_link_modes_and_missing_images_are_carried(bioscan_sample_root: Path, tm
 def test_import_refuses_to_overwrite_its_source(bioscan_sample_root: Path) -> None:
     with pytest.raises(ValueError, match="differ"):
         import_bioscan(bioscan_sample_root, bioscan_sample_root, progress=False)
+
+
+def test_cli_import_then_validate(bioscan_sample_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The two commands chain: a subset imported from a download validates cleanly."""
+    from pipelines.cli import main
+
+    out = tmp_path / "subset"
+    assert main(["data", "import-bioscan", "--root", str(bioscan_sample_root), "--out", str(out),
+                 "--splits", "pretrain", "--limit", "5", "--mode", "copy", "--seed", "1", "--quiet"]) == 0
+    assert '"records_out": 5' in capsys.readouterr().out
+    assert main(["data", "validate", "--root", str(out), "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    assert '"valid": 5' in capsys.readouterr().out

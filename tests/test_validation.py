@@ -171,3 +171,13 @@ def test_cli_validate_exit_codes(crafted, tmp_path: Path) -> None:
     assert main(["data", "validate", "--root", str(root), "--out", str(tmp_path / "o"),
                  "--params", str(params), "--quiet"]) == 1
     assert (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_header_only_and_missing_columns(tmp_path: Path) -> None:
+    root = build_root(tmp_path / "empty", sample_records().iloc[:0], images=False)
+    s = validate_root(root, tmp_path / "o1", LENIENT, progress=False)
+    assert s["records_in"] == s["valid"] == s["quarantined"] == 0
+    assert pd.read_parquet(tmp_path / "o1" / "valid.parquet").empty
+    broken = build_root(tmp_path / "broken", sample_records().drop(columns=["coord-lon"]), images=False)
+    with pytest.raises(ValueError, match="coord-lon"):
+        validate_root(broken, tmp_path / "o2", LENIENT, progress=False)
