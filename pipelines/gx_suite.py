@@ -116,7 +116,7 @@ def run_suite(frame: pd.DataFrame, rules: list[Rule], docs_dir: Path | None) -> 
     builds Data Docs under ``docs_dir`` (none when ``docs_dir`` is None)."""
     sites = {} if docs_dir is None else {DOCS_SITE: {
         "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }}
     ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(

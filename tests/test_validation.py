@@ -181,3 +181,14 @@ def test_header_only_and_missing_columns(tmp_path: Path) -> None:
     broken = build_root(tmp_path / "broken", sample_records().drop(columns=["coord-lon"]), images=False)
     with pytest.raises(ValueError, match="coord-lon"):
         validate_root(broken, tmp_path / "o2", LENIENT, progress=False)
+
+
+def test_relative_output_folder_as_dvc_runs_it(bioscan_sample_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvc.yaml passes relative paths; GX's Data Docs store needs them resolved."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "validate", "--root", str(bioscan_sample_root), "--out", "outputs/validation",
+                 "--quiet"]) == 0
+    assert (tmp_path / "outputs/validation/data_docs/index.html").exists()
