@@ -189,7 +189,8 @@ def _changed_text(raw: pa.Array, changed: np.ndarray, trimmed_only: np.ndarray) 
     null = pa.nulls(n, pa.string())
     tails = null
     if trimmed_only.any():
-        cut = pc.binary_slice(raw.cast(pa.binary()), MAX_NUCLEOTIDES, 1 << 30).cast(pa.string())
+        longest = pc.max(pc.binary_length(raw)).as_py()  # an explicit stop: Arrow mis-sizes an open one
+        cut = pc.binary_slice(raw.cast(pa.binary()), MAX_NUCLEOTIDES, longest).cast(pa.string())
         tails = pc.if_else(pa.array(trimmed_only), cut, null)
     other = changed & ~trimmed_only
     wholes = pc.if_else(pa.array(other), raw, null) if other.any() else null

@@ -266,13 +266,15 @@ def _string_chunks(values: Any) -> list[Any]:
     return list(values.chunks) if isinstance(values, pa.ChunkedArray) else [values]
 
 
-def _profile(arr: Any, limit: int = MAX_NUCLEOTIDES) -> tuple[Any, Any, Any]:
+def _profile(arr: Any, limit: int | None = MAX_NUCLEOTIDES) -> tuple[Any, Any, Any]:
     """Per string, from the raw Arrow buffers in one pass (nulls: 0, 0, False):
     the OR of the byte classes (:data:`_CLASS_BITS`) and the number of ``N``
-    bytes within its first ``limit`` bytes, and whether any byte at all is
+    bytes within its first ``limit`` bytes (None: all), and whether any byte at all is
     outside ACGTN. For a string of only ACGTN that is the profile of its trim."""
     import numpy as np
     import pyarrow as pa
+
+    import pyarrow.compute as pc
 
     n = len(arr)
     off_type = np.int64 if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type) else np.int32
@@ -284,6 +286,7 @@ def _profile(arr: Any, limit: int = MAX_NUCLEOTIDES) -> tuple[Any, Any, Any]:
     if data_buf is not None and hi > lo:
         data[: hi - lo] = memoryview(data_buf)[lo:hi]
     starts, lengths = offsets[:-1] - lo, np.diff(offsets)
+    limit = int(lengths.max(initial=0)) if limit is None else limit
     mids = starts + np.minimum(lengths, limit)
     cls = np.frombuffer(data.translate(_BYTE_CLASS), np.uint8)
     cls[-1] = 0  # the sentinel is no character
@@ -291,14 +294,16 @@ def _profile(arr: Any, limit: int = MAX_NUCLEOTIDES) -> tuple[Any, Any, Any]:
     # reduceat over an empty cut gives the byte at the cut: mask those.
     head = np.where(lengths > 0, both[0::2], 0).astype(np.uint8)
     tail = np.where(lengths > limit, both[1::2], 0).astype(np.uint8)
-    n_pos = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("N"))
-    row = np.searchsorted(starts, n_pos, "right") - 1
-    n_count = np.bincount(row[n_pos < mids[row]], minlength=n)[:n].astype(np.int64) if n else np.zeros(0, np.int64)
-    odd = ((head | tail) & _FOREIGN) != 0
     if arr.null_count:
         valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        head[~valid], n_count[~valid], odd[~valid] = 0, 0, False
-    return head, n_count, odd
+        head[~valid], tail[~valid] = 0, 0
+    # N's are counted only in the (few) strings that hold one.
+    n_count = np.zeros(n, np.int64)
+    with_n = np.flatnonzero(head & _CLASS_BITS[ord("N")])
+    if len(with_n):
+        sub = pc.binary_slice(arr.take(pa.array(with_n)).cast(pa.binary()), 0, limit)
+        n_count[with_n] = pc.count_substring(sub, "N").to_numpy(zero_copy_only=False)
+    return head, n_count, ((head | tail) & _FOREIGN) != 0
 
 
 def _normalise_chunk(arr: Any) -> tuple[Any, ...]:
@@ -328,7 +333,7 @@ def _normalise_chunk(arr: Any) -> tuple[Any, ...]:
         fixed = _normalise_text(sub)
         out = pc.replace_with_mask(out, _mask(n, rows), fixed.cast(out.type))
         changed[rows] = pc.not_equal(fixed, sub).to_numpy(zero_copy_only=False)
-        bits[rows], n_count[rows], _ = _profile(fixed, 1 << 62)
+        bits[rows], n_count[rows], _ = _profile(fixed, None)
         length[rows] = pc.utf8_length(fixed).to_numpy(zero_copy_only=False)
         still = np.flatnonzero((bits[rows] & _FOREIGN) != 0)
         if len(still):
