@@ -17,7 +17,12 @@ unguided has a goal of <= 1.5.
 Each figure is the best of its repeats (as ``timeit`` and bench_tokenizer
 report), samples/s = batch / best; the median stands beside it. Why best:
 two torch threads on two shared cores slow down many-fold whenever another
-process takes a core, and the best repeat is the one least disturbed.
+process takes a core (their barriers wait for a descheduled thread), and the
+best repeat is the one least disturbed. ``cpu`` is the median process CPU
+time per unit, all threads together: the work done, which load changes far
+less than wall time (quiet, with 2 threads, cpu ~ 2 x wall). On a loaded
+machine ``--threads 1`` gives the steadiest figures, and the guided /
+unguided ratio is also printed from CPU time.
 
 Peak memory is the peak resident set size during each piece (Linux: the
 ``VmHWM`` counter, reset per piece through ``/proc/self/clear_refs``;
@@ -25,7 +30,7 @@ elsewhere the process-wide ``ru_maxrss``). The 1-minute load average is
 printed beside every row: on a shared 2-core machine, figures taken under a
 load above ~1 are slower than the model is.
 
-    python -m benchmarks model [--quick] [--presets tiny default] [--steps 8] [--repeats 3]
+    python -m benchmarks model [--quick] [--presets tiny default] [--steps 8] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Row:
     batch: int
     seconds: float  # best repeat: per training step, or per sampled image
     median_seconds: float
+    cpu_seconds: float  # median process CPU time per unit, all threads
     unit: str  # "step" or "image"
     samples_per_s: float
     peak_rss_mib: float
@@ -115,25 +121,25 @@ def _peak_rss_mib() -> float:
 
 
 def time_training(run: Callable[[TrainConfig, Hooks, int], object], cfg: TrainConfig,
-                  warmup: int, steps: int) -> tuple[float, float, float]:
-    """Best and median seconds per step after ``warmup`` steps, and peak RSS (MiB), of one stage.
+                  warmup: int, steps: int) -> tuple[float, float, float, float]:
+    """Best and median wall, median CPU seconds per step after ``warmup`` steps, and peak RSS (MiB).
 
     ``run(cfg, hooks, until)`` calls the stage; ``on_step`` fires after every
     step (``log_every = 1``), and the gaps between hooks are whole steps.
     """
-    stamps: list[float] = []
-    hooks = Hooks(on_step=[lambda step, metrics: stamps.append(time.perf_counter())])
+    stamps: list[tuple[float, float]] = []
+    hooks = Hooks(on_step=[lambda step, metrics: stamps.append((time.perf_counter(), time.process_time()))])
     total = warmup + steps
     tc = replace(cfg, steps=max(cfg.steps, total + 1), log_every=1, checkpoint_every=10**9)
     _reset_peak()
     run(tc, hooks, total)
-    gaps = np.diff(stamps[warmup - 1:]) if warmup >= 1 else np.diff(stamps)
-    return float(np.min(gaps)), float(np.median(gaps)), _peak_rss_mib()
+    gaps = np.diff(np.array(stamps[max(0, warmup - 1):]), axis=0)  # (steps, 2): wall, cpu
+    return float(gaps[:, 0].min()), float(np.median(gaps[:, 0])), float(np.median(gaps[:, 1])), _peak_rss_mib()
 
 
 def time_sampling(gen: Generator, data: Arrays, conditions: int, per_condition: int,
-                  repeats: int) -> dict[str, tuple[float, float, float]]:
-    """Best and median seconds per image over ``repeats``, and peak RSS, unguided and guided.
+                  repeats: int) -> dict[str, tuple[float, float, float, float]]:
+    """Best and median wall, median CPU seconds per image over ``repeats``, and peak RSS, unguided and guided.
 
     The two alternate within each repeat, so slow spells from other processes
     fall on both; one untimed call first warms both paths up.
@@ -141,18 +147,20 @@ def time_sampling(gen: Generator, data: Arrays, conditions: int, per_condition: 
     args = (data.barcode[:conditions], data.lat[:conditions].tolist(), data.lon[:conditions].tolist())
     scales = {"sample unguided": 0.0, "sample guided": GUIDANCE_SCALE}
     times: dict[str, list[float]] = {k: [] for k in scales}
+    cpu: dict[str, list[float]] = {k: [] for k in scales}
     peaks: dict[str, float] = {}
     for name, w in scales.items():  # warm-up
         gen.generate(*args, n=per_condition, steps=2, guidance_scale=w, cfg_scale=CFG_SCALE)
     for r in range(repeats):
         for name, w in scales.items():
             _reset_peak()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             gen.generate(*args, n=per_condition, steps=SAMPLING_STEPS, guidance_scale=w,
                          cfg_scale=CFG_SCALE, seed=r)
             times[name].append((time.perf_counter() - t0) / (conditions * per_condition))
+            cpu[name].append((time.process_time() - c0) / (conditions * per_condition))
             peaks[name] = max(peaks.get(name, 0.0), _peak_rss_mib())
-    return {k: (min(v), statistics.median(v), peaks[k]) for k, v in times.items()}
+    return {k: (min(v), statistics.median(v), statistics.median(cpu[k]), peaks[k]) for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -171,14 +179,14 @@ def bench_preset(name: str, *, warmup: int = 1, steps: int = 8, conditions: int 
     data = random_arrays(max(n, conditions), cfg.vae.image_size)
     rows: list[Row] = []
 
-    def add(piece: str, batch: int, best: float, median: float, unit: str, peak: float) -> None:
+    def add(piece: str, batch: int, best: float, median: float, cpu: float, unit: str, peak: float) -> None:
         per_s = (batch if unit == "step" else 1) / best
-        rows.append(Row(name, piece, batch, best, median, unit, per_s, peak, os.getloadavg()[0]))
+        rows.append(Row(name, piece, batch, best, median, cpu, unit, per_s, peak, os.getloadavg()[0]))
         report(rows[-1])
 
     def train(piece: str, tc: TrainConfig, run: Callable[[TrainConfig, Hooks, int], object]) -> None:
-        best, median, peak = time_training(run, tc, warmup, steps)
-        add(piece, min(tc.batch_size, len(data)), best, median, "step", peak)
+        best, median, cpu, peak = time_training(run, tc, warmup, steps)
+        add(piece, min(tc.batch_size, len(data)), best, median, cpu, "step", peak)
 
     kw = dict(progress=False)
     train("conditioner MLM", cfg.pretrain_conditioner,
@@ -191,9 +199,9 @@ def bench_preset(name: str, *, warmup: int = 1, steps: int = 8, conditions: int 
           lambda tc, h, u: stages.train_diffusion(model, data, latents, tc, hooks=h, until=u, **kw))
     train("aligner", cfg.train_aligner,
           lambda tc, h, u: stages.train_aligner(model, data, latents, tc, hooks=h, until=u, **kw))
-    for piece, (best, median, peak) in time_sampling(Generator(model), data, conditions, per_condition,
-                                                     repeats).items():
-        add(piece, conditions * per_condition, best, median, "image", peak)
+    sampled = time_sampling(Generator(model), data, conditions, per_condition, repeats)
+    for piece, (best, median, cpu, peak) in sampled.items():
+        add(piece, conditions * per_condition, best, median, cpu, "image", peak)
     return rows
 
 
@@ -208,13 +216,14 @@ def parameter_counts(name: str) -> dict[str, float]:
 # report
 # ----------------------------------------------------------------------------
 
-HEADER = (f"| {'preset':<7} | {'piece':<19} | {'batch':>5} | {'best':>14} | {'median':>8} | {'samples/s':>9} "
-          f"| {'peak RSS MiB':>12} | {'load1':>5} |")
+HEADER = (f"| {'preset':<7} | {'piece':<19} | {'batch':>5} | {'best':>14} | {'median':>7} | {'cpu':>7} "
+          f"| {'samples/s':>9} | {'peak RSS MiB':>12} | {'load1':>5} |")
 
 
 def format_row(r: Row) -> str:
-    return (f"| {r.preset:<7} | {r.piece:<19} | {r.batch:>5} | {r.seconds:>8.3f} s/{r.unit:<5} "
-            f"| {r.median_seconds:>8.3f} | {r.samples_per_s:>9.1f} | {r.peak_rss_mib:>12.0f} | {r.load1:>5.2f} |")
+    best = f"{r.seconds:.3f} s/{r.unit}"
+    return (f"| {r.preset:<7} | {r.piece:<19} | {r.batch:>5} | {best:>14} | {r.median_seconds:>7.3f} "
+            f"| {r.cpu_seconds:>7.3f} | {r.samples_per_s:>9.1f} | {r.peak_rss_mib:>12.0f} | {r.load1:>5.2f} |")
 
 
 def ratios(rows: list[Row]) -> list[str]:
@@ -223,8 +232,10 @@ def ratios(rows: list[Row]) -> list[str]:
     for name in dict.fromkeys(r.preset for r in rows):
         by = {r.piece: r for r in rows if r.preset == name}
         g = by["sample guided"].seconds / by["sample unguided"].seconds
+        g_cpu = by["sample guided"].cpu_seconds / by["sample unguided"].cpu_seconds
         verdict = "meets" if g <= GUIDED_GOAL else "MISSES"
-        out.append(f"{name}: guided / unguided sampling = {g:.2f}x ({verdict} the goal <= {GUIDED_GOAL}x); "
+        out.append(f"{name}: guided / unguided sampling = {g:.2f}x wall, {g_cpu:.2f}x CPU "
+                   f"({verdict} the goal <= {GUIDED_GOAL}x); "
                    f"LoRA + conditioner / base UNet step = "
                    f"{by['LoRA + conditioner'].seconds / by['base UNet'].seconds:.2f}x")
     return out
@@ -236,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="+", default=None, help="default: tiny default (quick: tiny)")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per stage (default 8)")
     ap.add_argument("--repeats", type=int, default=None, help="sampling repeats per mode (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.presets or (["tiny"] if args.quick else ["tiny", "default"])
     steps = args.steps or (2 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 3)
