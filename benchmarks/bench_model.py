@@ -30,7 +30,8 @@ elsewhere the process-wide ``ru_maxrss``). The 1-minute load average is
 printed beside every row: on a shared 2-core machine, figures taken under a
 load above ~1 are slower than the model is.
 
-    python -m benchmarks model [--quick] [--presets tiny default] [--steps 8] [--repeats 3] [--threads 1]
+    python -m benchmarks model [--quick]
+    python -m benchmarks.bench_model [--quick] [--presets tiny default] [--steps 8] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
