@@ -164,12 +164,14 @@ def run_validation(root: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=BIOSCAN_5M_ROWS)
+    p.add_argument("--rows", type=int, default=None, help=f"records (default {BIOSCAN_5M_ROWS:,})")
+    p.add_argument("--quick", action="store_true", help="200,000 records: a smoke run, not figures to report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the temporary root (default: system temp)")
     p.add_argument("--root", default=None, help="generate into (or reuse) this root and keep it")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # internal: root to validate
     args = p.parse_args(argv)
+    args.rows = args.rows or (200_000 if args.quick else BIOSCAN_5M_ROWS)
     if args._child:
         root = Path(args._child)
         res = run_validation(root, root / "validation")

@@ -114,9 +114,10 @@ class SuiteResult:
 def run_suite(frame: pd.DataFrame, rules: list[Rule], docs_dir: Path | None) -> SuiteResult:
     """Run the suite over the derived frame through a Checkpoint whose action
     builds Data Docs under ``docs_dir`` (none when ``docs_dir`` is None)."""
+    store = {"class_name": "TupleFilesystemStoreBackend",
+             "base_directory": str(Path(docs_dir).resolve()) if docs_dir is not None else ""}
     sites = {} if docs_dir is None else {DOCS_SITE: {
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+        "class_name": "SiteBuilder", "store_backend": store,
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }}
     ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(

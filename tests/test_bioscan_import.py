@@ -10,7 +10,7 @@ import pytest
 
 from g2p.data.bioscan import import_bioscan, read_metadata, select_records
 from g2p.data.layout import COLUMNS, METADATA_RELPATH, image_relpath
-from tests.fixtures import bioscan_sample_root, sample_records  # noqa: F401
+from tests.fixtures import build_root, sample_records
 
 
 def test_read_metadata_uses_the_official_dtypes(bioscan_sample_root: Path) -> None:
@@ -68,10 +68,8 @@ def test_cap_per_species_and_limit_are_deterministic() -> None:
 
 
 @pytest.mark.parametrize("mode", ["link", "symlink"])
-def test_link_modes_and_missing_images_are_carried(bioscan_sample_root: Path, tmp_path: Path, mode: str) -> None:
+def test_link_modes_and_missing_images_are_carried(tmp_path: Path, mode: str) -> None:
     # A copy of the sample root where two images are gone.
-    from tests.fixtures import build_root
-
     src = build_root(tmp_path / "src")
     gone = sample_records().query("split == 'pretrain'")["processid"].tolist()[:2]
     for pid in gone:

@@ -15,7 +15,7 @@ import pytest
 from g2p.config import ValidateConfig
 from g2p.data.layout import METADATA_RELPATH, chunk_for, image_relpath
 from pipelines.validation import ValidationFailed, validate_root
-from tests.fixtures import bioscan_sample_root, build_root, sample_records, write_placeholder_jpeg  # noqa: F401
+from tests.fixtures import build_root, sample_records, write_placeholder_jpeg
 
 pytestmark = pytest.mark.integration
 
