@@ -377,7 +377,7 @@ def load_params(path: str | Path = "params.yaml", *, preset_name: str | None = N
 
 # Sections of params.yaml that belong to pipeline stages (training, evaluation,
 # serving) rather than the model; pipelines/ validates them itself.
-PIPELINE_SECTIONS: tuple[str, ...] = ()
+PIPELINE_SECTIONS: tuple[str, ...] = ("ray",)  # pipelines/ray_train.py: RaySection
 
 
 # ----------------------------------------------------------------------------

@@ -7,6 +7,13 @@ latents. Each stage is an importable function that a unit test, a Ray Train
 worker and a GPU script call alike; ``rank``/``world_size`` shard the data and
 ``hooks`` let tracking and checkpointing in.
 
+Each stage computes its loss through one small *objective* module (the
+trained components and nothing else, the loss as its ``forward``). ``wrap``
+is applied to it once: data-parallel training passes a wrapper such as DDP
+(which only synchronises gradients of computations that run through its
+``forward``), a GPU run may add autocast. The default is the identity, and
+the stage then computes exactly what it did without the seam.
+
     pretrain_conditioner  MLM on barcodes (the unlabelled pretrain split too)
     train_vae             foreground-weighted reconstruction + KL
     train_base            UNet epsilon loss (eq. 6) with the null condition only
@@ -16,22 +23,27 @@ worker and a GPU script call alike; ``rank``/``world_size`` shard the data and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch import Tensor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor, nn
 
-from g2p.config import TrainConfig
+from g2p.config import DiffusionConfig, TrainConfig, VAEConfig
 from g2p.data.dataset import Arrays, epoch_batches, to_unit_range
 from g2p.diffusion.guidance import sample_negative_bank
 from g2p.diffusion.losses import diffusion_loss
 from g2p.diffusion.schedule import build_train_scheduler
 from g2p.model import G2PDiffusion
-from g2p.models.aligner import aligner_loss
+from g2p.models.aligner import Aligner, aligner_loss
+from g2p.models.conditioner import Conditioner
+from g2p.models.unet import Denoiser
 from g2p.models.vae import encode, estimate_scaling_factor, vae_loss
 from g2p.train.loop import FitState, Hooks, cycle, fit
+
+Wrap = Callable[[nn.Module], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,81 @@ class Shard:
 
     rank: int = 0
     world_size: int = 1
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+# ----------------------------------------------------------------------------
+# objectives: the trained components with the loss as forward (see module doc)
+# ----------------------------------------------------------------------------
+
+
+class MLMObjective(nn.Module):
+    """Masked k-mer prediction of the conditioner."""
+
+    def __init__(self, conditioner: Conditioner) -> None:
+        super().__init__()
+        self.conditioner = conditioner
+
+    def forward(self, ids: Tensor, mask: Tensor, lat: Tensor, lon: Tensor, has_place: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        return self.conditioner.mlm_loss(ids, mask, lat, lon, has_place, generator=generator)
+
+
+class VAEObjective(nn.Module):
+    """Foreground-weighted reconstruction + KL of the VAE."""
+
+    def __init__(self, vae: nn.Module, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.vae, self.cfg = vae, cfg
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return vae_loss(self.vae, x, self.cfg, generator=generator)
+
+
+class BaseObjective(nn.Module):
+    """Eq. 6 with the null condition only (the image prior of ``train_base``)."""
+
+    def __init__(self, denoiser: Denoiser, scheduler: SchedulerMixin, cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.denoiser, self.scheduler, self.cfg = denoiser, scheduler, replace(cfg, condition_dropout=0.0)
+
+    def forward(self, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        ctx, mask = self.denoiser.null_condition(len(z0), 1)  # (B, 1, d), (B, 1)
+        return diffusion_loss(self.denoiser, z0, ctx, mask, self.scheduler, self.cfg, generator=generator)
+
+
+class ConditionalObjective(nn.Module):
+    """Eq. 6 through the conditioner and the (LoRA) denoiser, with condition dropout."""
+
+    def __init__(self, conditioner: Conditioner, denoiser: Denoiser, scheduler: SchedulerMixin,
+                 cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.conditioner, self.denoiser, self.scheduler, self.cfg = conditioner, denoiser, scheduler, cfg
+
+    def forward(self, ids: Tensor, mask: Tensor, lat: Tensor, lon: Tensor, has_place: Tensor, z0: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        cond = self.conditioner(ids, mask, lat, lon, has_place)
+        return diffusion_loss(self.denoiser, z0, cond.context, cond.context_mask, self.scheduler, self.cfg,
+                              generator=generator)
+
+
+class AlignerObjective(nn.Module):
+    """Eq. 9: InfoNCE of the aligner on noisy latents against fixed pooled conditions."""
+
+    def __init__(self, aligner: Aligner, scheduler: SchedulerMixin) -> None:
+        super().__init__()
+        self.aligner, self.scheduler = aligner, scheduler
+
+    def forward(self, z0: Tensor, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return aligner_loss(self.aligner, z0, c, self.scheduler, generator=generator)
+
+
+# ----------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------
 
 
 def _index_batches(n: int, cfg: TrainConfig, shard: Shard) -> Iterator[np.ndarray]:
@@ -61,15 +148,17 @@ def _skip(batches: Iterator, resume: dict | None) -> Iterator:
 
 def pretrain_conditioner(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *, shard: Shard = Shard(),
                          hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
-                         until: int | None = None) -> FitState:
+                         until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """BarcodeBERT-style masked-language-model pretraining of the conditioner."""
     g = _generator(cfg, shard)
     batches = _skip(_index_batches(len(data), cfg, shard), resume)
+    objective = wrap(MLMObjective(model.conditioner))
+    dev = model.device
 
     def step(idx: np.ndarray, _: int) -> dict:
         b = data.subset(idx)
         ids, mask = model.tokenize(b.barcode)
-        loss = model.conditioner.mlm_loss(ids, mask, b.lat, b.lon, b.has_place, generator=g)
+        loss = objective(ids, mask, b.lat.to(dev), b.lon.to(dev), b.has_place.to(dev), generator=g)
         return {"loss": loss, "batch_size": len(idx)}
 
     params = list(model.conditioner.parameters())
@@ -79,16 +168,17 @@ def pretrain_conditioner(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *,
 
 def train_vae(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *, shard: Shard = Shard(),
               hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
-              until: int | None = None) -> FitState:
+              until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """Train the VAE on images alone; afterwards measure the latent scale (as SD's 0.18215)."""
     assert data.images is not None, "train_vae needs images"
     g = _generator(cfg, shard)
     batches = _skip(_index_batches(len(data), cfg, shard), resume)
     model.vae.train()
+    objective = wrap(VAEObjective(model.vae, model.cfg.vae))
 
     def step(idx: np.ndarray, _: int) -> dict:
         x = to_unit_range(data.images[torch.as_tensor(idx)]).to(model.device)  # (B, 3, S, S)
-        out = vae_loss(model.vae, x, model.cfg.vae, generator=g)
+        out = objective(x, generator=g)
         return {**out, "batch_size": len(idx)}
 
     state = fit(step, list(model.vae.parameters()), batches, cfg, hooks=hooks, resume=resume,
@@ -120,19 +210,18 @@ def encode_latents(model: G2PDiffusion, images: Tensor, batch_size: int = 64, pr
 
 def train_base(model: G2PDiffusion, latents: Tensor, cfg: TrainConfig, *, shard: Shard = Shard(),
                hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
-               until: int | None = None) -> FitState:
+               until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """Our own "pretrained Stable Diffusion": the UNet learns images alone (null condition)."""
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
     batches = _skip(_index_batches(len(latents), cfg, shard), resume)
     den = model.denoiser
     den.train()
+    objective = wrap(BaseObjective(den, sched, model.cfg.diffusion))
 
     def step(idx: np.ndarray, _: int) -> dict:
         z0 = latents[torch.as_tensor(idx)].to(model.device)
-        ctx, mask = den.null_condition(len(idx), 1)
-        loss = diffusion_loss(den, z0, ctx, mask, sched, _no_dropout(model), generator=g)
-        return {"loss": loss, "batch_size": len(idx)}
+        return {"loss": objective(z0, generator=g), "batch_size": len(idx)}
 
     params = list(den.unet.parameters())  # the null context is learned with the condition, later
     state = fit(step, params, batches, cfg, hooks=hooks, resume=resume, progress=progress,
@@ -144,7 +233,7 @@ def train_base(model: G2PDiffusion, latents: Tensor, cfg: TrainConfig, *, shard:
 
 def train_diffusion(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: TrainConfig, *,
                     shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
-                    progress: bool = True, until: int | None = None) -> FitState:
+                    progress: bool = True, until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """LoRA on the UNet plus the conditioner (and the null context), eq. 6 with condition dropout."""
     model.add_lora()
     g = _generator(cfg, shard)
@@ -152,13 +241,14 @@ def train_diffusion(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: Tra
     batches = _skip(_index_batches(len(data), cfg, shard), resume)
     model.denoiser.train()
     model.conditioner.train()
+    objective = wrap(ConditionalObjective(model.conditioner, model.denoiser, sched, model.cfg.diffusion))
+    dev = model.device
 
     def step(idx: np.ndarray, _: int) -> dict:
         b = data.subset(idx)
-        z0 = latents[torch.as_tensor(idx)].to(model.device)
-        cond = model.condition(b.barcode, b.lat, b.lon, b.has_place)
-        loss = diffusion_loss(model.denoiser, z0, cond.context, cond.context_mask, sched,
-                              model.cfg.diffusion, generator=g)
+        z0 = latents[torch.as_tensor(idx)].to(dev)
+        ids, mask = model.tokenize(b.barcode)
+        loss = objective(ids, mask, b.lat.to(dev), b.lon.to(dev), b.has_place.to(dev), z0, generator=g)
         return {"loss": loss, "batch_size": len(idx)}
 
     params = ([p for p in model.denoiser.parameters() if p.requires_grad]
@@ -217,18 +307,19 @@ def pooled_conditions(model: G2PDiffusion, data: Arrays, batch_size: int = 256) 
 
 def train_aligner(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: TrainConfig, *,
                   shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
-                  progress: bool = True, until: int | None = None, bank_size: int | None = None) -> FitState:
+                  progress: bool = True, until: int | None = None, bank_size: int | None = None,
+                  wrap: Wrap = _identity) -> FitState:
     """The dynamic aligner: InfoNCE of g_phi(X_t, t) against c at random t; fills the negative bank."""
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
     c_all = pooled_conditions(model, data)  # (N, d): the conditioner is fixed from here on
     batches = _skip(_index_batches(len(data), cfg, shard), resume)
     model.aligner.train()
+    objective = wrap(AlignerObjective(model.aligner, sched))
 
     def step(idx: np.ndarray, _: int) -> dict:
         t_idx = torch.as_tensor(idx)
-        loss = aligner_loss(model.aligner, latents[t_idx].to(model.device), c_all[t_idx].to(model.device),
-                            sched, generator=g)
+        loss = objective(latents[t_idx].to(model.device), c_all[t_idx].to(model.device), generator=g)
         return {"loss": loss, "temperature": 1.0 / model.aligner.logit_scale.detach(), "batch_size": len(idx)}
 
     state = fit(step, list(model.aligner.parameters()), batches, cfg, hooks=hooks, resume=resume,
@@ -240,8 +331,3 @@ def train_aligner(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: Train
     model.negative_bank = sample_negative_bank(c_all, size, torch.Generator().manual_seed(cfg.seed))
     return state
 
-
-def _no_dropout(model: G2PDiffusion):
-    from dataclasses import replace
-
-    return replace(model.cfg.diffusion, condition_dropout=0.0)

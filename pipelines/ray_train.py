@@ -1,0 +1,471 @@
+"""Ray Train (V2) adapter: one g2p training stage on a ``TorchTrainer``.
+
+Thin on purpose: every worker runs the *same* stage function as the unit
+tests (:mod:`g2p.train.stages`) with ``shard=Shard(rank, world_size)``; Ray
+comes in through three seams only.
+
+- ``wrap``: the stage's objective module goes through
+  ``ray.train.torch.prepare_model`` (DDP, gloo on CPU, NCCL on GPU; a no-op at
+  one worker), plus bf16 autocast on GPU.
+- ``hooks``: ``on_step`` -> one line in the run's ``metrics.jsonl`` (rank 0),
+  the user's hooks, and ``ray.train.report(metrics)`` at most every
+  ``report_interval_s`` (see below); ``on_checkpoint`` -> rank 0 writes the
+  model (``save_pretrained``) and the loop state (``save_tree``), safetensors
+  only, and every rank reports (a checkpoint from rank 0, ``None`` elsewhere),
+  then waits until Ray has registered it.
+- ``resume``: ``ray.train.get_checkpoint()`` at start, so a restart after a
+  worker failure (``FailureConfig.max_failures``), or a new trainer with the
+  same run name and storage path, continues at the checkpoint's step.
+
+Steps between the last checkpoint and a failure are trained again after a
+restart. They are *logged* once only: at start, rank 0 reads the highest step
+already in ``metrics.jsonl`` and every rank skips reporting steps up to it,
+so the log, Ray's reports and any user ``on_step`` hook never see a step twice.
+
+Why metrics-only reports are throttled: in Train V2 a report is a barrier
+across workers and is only taken off a worker when the controller polls it
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default; we set 0.2 s); a
+worker holds one unconsumed report, so reporting every few milliseconds
+stalls training on the poll (the tiny MLM stage ran 1/75 as fast). Ray also
+keeps only the metrics attached to checkpoints, so every log step goes to
+``metrics.jsonl`` and the hooks (MLflow), and to Ray at most once per
+``report_interval_s``; rank 0 decides and broadcasts the decision, so all
+ranks call the barrier at the same steps. Every checkpoint is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from g2p.config import ConfigError, G2PConfig, TrainConfig, _build
+from g2p.data.dataset import Arrays
+from g2p.train.loop import FitState, Hooks
+
+STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner")
+HooksFactory = Callable[[int, int], Hooks]  # (rank, world_size) -> Hooks, called inside each worker
+LOG_NAME = "metrics.jsonl"
+# How often Train V2's controller polls workers (and so takes their reports);
+# its default is 2 s. Also how soon a dead worker is noticed.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_POLL_S = "0.2"
+
+
+# ----------------------------------------------------------------------------
+# the `ray` section of params.yaml
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RaySection:
+    """How a stage is spread over Ray workers (the ``ray`` key of ``params.yaml``).
+
+    ``bf16`` autocasts the objective on GPU only (CPU bf16 is slow);
+    ``gradient_checkpointing`` trades compute for memory in the UNet, the VAE
+    and the BERT conditioner. ``checkpoints_to_keep`` bounds disk (0 = all).
+    ``report_interval_s``: metrics-only ``ray.train.report`` calls at most this
+    often (0 = every log step; see the module docstring for why).
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+    storage_path: str = "outputs/ray"
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    checkpoints_to_keep: int = 0
+    report_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key, ok in (("num_workers", self.num_workers >= 1), ("cpus_per_worker", self.cpus_per_worker >= 1),
+                        ("gpus_per_worker", self.gpus_per_worker >= 0), ("max_failures", self.max_failures >= -1),
+                        ("checkpoints_to_keep", self.checkpoints_to_keep >= 0),
+                        ("report_interval_s", self.report_interval_s >= 0),
+                        ("storage_path", bool(self.storage_path))):
+            if not ok:
+                raise ConfigError(f"ray.{key}: invalid value {getattr(self, key)!r}")
+
+
+def ray_section(raw: dict[str, Any] | None) -> RaySection:
+    """Strictly build the section: unknown keys and wrong types name ``ray.<key>``."""
+    return _build(RaySection, raw or {}, "ray")
+
+
+def load_ray_section(path: str | Path = "params.yaml") -> RaySection:
+    import yaml
+
+    p = Path(path)
+    raw = (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
+    return ray_section(raw.get("ray"))
+
+
+# ----------------------------------------------------------------------------
+# Ray start-up and the driver
+# ----------------------------------------------------------------------------
+
+
+def ensure_ray(num_cpus: int | None = None) -> float:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine; seconds taken.
+
+    The dashboard is on (on a free port): Train V2's placement-group cleaner
+    polls the state API it serves and warns every 10 s without it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    t0 = time.perf_counter()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine: nothing to preempt
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_port=port,
+                 logging_level=logging.WARNING)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class StageRun:
+    """What :func:`run_stage` gives back: Ray's result, the final model folder and the step log."""
+
+    result: Any  # ray.train.Result
+    model_dir: Path  # the final G2PDiffusion folder (save_pretrained layout)
+    log_path: Path  # one JSON line per logged step / attempt start (rank 0)
+    seconds: float  # wall time of trainer.fit()
+
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.log_path)
+
+
+def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, init_model: str | Path | None = None,
+              splits: Sequence[str] = ("train",), scaling: RaySection = RaySection(),
+              storage_path: str | Path | None = None, hooks_factory: HooksFactory | None = None) -> StageRun:
+    """Train ``stage`` on Ray workers; resumes the run ``storage_path/run_name`` if it exists.
+
+    ``data`` is an arrays file (:func:`save_arrays`) or a BIOSCAN-5M-layout root
+    (records of ``splits``); ``init_model`` a ``save_pretrained`` folder to
+    start from (the previous stage's output); none builds ``G2PDiffusion(cfg)``.
+    Workers load both themselves: only paths travel. ``hooks_factory(rank,
+    world_size)`` adds hooks inside each worker (it must pickle).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if stage not in STAGES:
+        raise ValueError(f"stage: {stage!r} is not one of {STAGES}")
+    ensure_ray()
+    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)  # read by the controller, which Ray starts from here
+    storage = Path(storage_path or scaling.storage_path).resolve()
+    log_path = storage / run_name / LOG_NAME
+    worker_cfg = {
+        "stage": stage, "cfg": cfg.to_json(), "data": str(Path(data).resolve()), "splits": list(splits),
+        "init_model": str(Path(init_model).resolve()) if init_model else None, "ray": asdict(scaling),
+        "log_path": str(log_path), "hooks_factory": hooks_factory,
+    }
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=worker_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep or None),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    seconds = time.perf_counter() - t0
+    ckpt = result.checkpoint  # on local storage the persisted folder itself, else a downloaded copy
+    if ckpt is None:
+        raise RuntimeError(f"{storage / run_name}: the run finished without a checkpoint")
+    local = type(ckpt.filesystem).__name__ == "LocalFileSystem"
+    model_dir = Path(ckpt.path if local else ckpt.to_directory()) / "model"
+    return StageRun(result=result, model_dir=model_dir, log_path=log_path, seconds=seconds)
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+# ----------------------------------------------------------------------------
+# data files (only paths travel to workers)
+# ----------------------------------------------------------------------------
+
+
+def save_arrays(arrays: Arrays, path: str | Path) -> Path:
+    """Write :class:`Arrays` as one safetensors file (strings in its JSON metadata)."""
+    from g2p.train.checkpoint import save_tree
+
+    tree = {"processid": [str(x) for x in arrays.processid], "barcode": list(arrays.barcode),
+            "species": [str(x) for x in arrays.species], "lat": arrays.lat, "lon": arrays.lon,
+            "has_place": arrays.has_place, "images": arrays.images}
+    save_tree(path, tree, component="arrays")
+    return Path(path)
+
+
+def load_data(source: str | Path, splits: Sequence[str], image_size: int | None) -> Arrays:
+    """An arrays file, or the records of ``splits`` under a BIOSCAN-5M-layout root."""
+    import numpy as np
+
+    src = Path(source)
+    if src.is_file():
+        from g2p.train.checkpoint import load_tree
+
+        t = load_tree(src)
+        if image_size and t["images"] is not None and tuple(t["images"].shape[-2:]) != (image_size, image_size):
+            raise ValueError(f"{src}: images are {tuple(t['images'].shape[-2:])} px, the VAE wants {image_size}")
+        return Arrays(processid=np.array(t["processid"]), barcode=t["barcode"], lat=t["lat"], lon=t["lon"],
+                      has_place=t["has_place"], species=np.array(t["species"], dtype=object),
+                      images=t["images"] if image_size else None)
+    import pandas as pd
+
+    from g2p.data.dataset import load_arrays, records_from_frame
+    from g2p.data.layout import COLUMN_DTYPES, METADATA_RELPATH
+
+    df = pd.read_csv(src / METADATA_RELPATH, dtype=COLUMN_DTYPES)
+    return load_arrays(src, records_from_frame(df[df["split"].isin(list(splits))]), image_size)
+
+
+# ----------------------------------------------------------------------------
+# inside each worker
+# ----------------------------------------------------------------------------
+
+
+class _Autocast(nn.Module):
+    """bf16 autocast around a (DDP-wrapped) objective; the loop's backward runs outside it."""
+
+    def __init__(self, inner: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner, self.device_type = inner, device_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.inner(*args, **kwargs)
+
+
+def _wrap_for(stage: str, section: RaySection, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    from ray.train.torch import prepare_model
+
+    # The conditioner's MLM head gets no gradient in train_diffusion, nor does
+    # anything when an MLM batch masks no token; DDP must then look for unused
+    # parameters (an extra autograd-graph walk per step, so only there).
+    find_unused = stage in ("pretrain_conditioner", "train_diffusion")
+
+    def wrap(objective: nn.Module) -> nn.Module:
+        out = prepare_model(objective, move_to_device=False,
+                            parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+        return _Autocast(out, device.type) if section.bf16 and device.type == "cuda" else out
+
+    return wrap
+
+
+def _enable_gradient_checkpointing(model: nn.Module, stage: str) -> None:
+    if stage in ("train_base", "train_diffusion"):
+        model.denoiser.unet.enable_gradient_checkpointing()
+    if stage == "train_vae":
+        model.vae.enable_gradient_checkpointing()
+    if stage in ("pretrain_conditioner", "train_diffusion"):
+        model.conditioner.bert.activation_checkpointing_enable({"use_reentrant": False})
+
+
+class _RayHooks:
+    """The loop's hooks in a worker: reports, checkpoints and the deduplicated step log."""
+
+    def __init__(self, stage: str, model: nn.Module, tcfg: TrainConfig, log_path: Path, user: Hooks,
+                 report_interval_s: float, device: torch.device) -> None:
+        import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.stage, self.model, self.tcfg, self.log_path, self.user = stage, model, tcfg, log_path, user
+        self.last: tuple[int, dict[str, float]] = (-1, {})
+        self.report_interval_s, self.device, self.last_report = report_interval_s, device, float("-inf")
+        seen = {"logged_until": -1, "attempt": 0}
+        if self.rank == 0:
+            rows = read_log(log_path)
+            steps = [r["step"] for r in rows if r.get("event") == "step"]
+            seen = {"logged_until": max(steps, default=-1), "attempt": sum(r.get("event") == "start" for r in rows)}
+        seen = broadcast_from_rank_zero(seen)  # every rank must agree on which steps it reports
+        self.logged_until, self.attempt = seen["logged_until"], seen["attempt"]
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_step=[self.on_step], on_checkpoint=[self.on_checkpoint, *self.user.on_checkpoint],
+                     on_eval=list(self.user.on_eval))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({**row, "attempt": self.attempt}) + "\n")
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        if step <= self.logged_until:  # trained again after a restart; logged the first time
+            return
+        metrics = {**metrics, "global_samples_per_s": metrics.get("samples_per_s", 0.0) * self.world}
+        self.log({"event": "step", "step": step, **metrics})
+        self.last = (step, metrics)
+        if self.report_due():
+            ray.train.report({"step": step, **metrics})
+        for h in self.user.on_step:
+            h(step, metrics)
+
+    def report_due(self) -> bool:
+        """Rank 0's clock decides; a broadcast makes every rank agree (report is a barrier)."""
+        now = time.monotonic()
+        due = torch.tensor([int(now - self.last_report >= self.report_interval_s)], dtype=torch.uint8,
+                           device=self.device)
+        if self.world > 1:
+            torch.distributed.broadcast(due, src=0)
+        if bool(due):
+            self.last_report = now
+        return bool(due)
+
+    def on_checkpoint(self, step: int, state: FitState) -> None:
+        if step < self.tcfg.steps:  # the last one is saved after the stage's own finishing work
+            self.save(state, final=False)
+
+    def save(self, state: FitState, *, final: bool) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from g2p.train.checkpoint import save_tree
+
+        metrics = {**(self.last[1] if self.last[0] == state.step else {}), "step": state.step, "final": float(final)}
+        with tempfile.TemporaryDirectory() as d:
+            if self.rank == 0:  # DDP keeps every rank's weights equal: one writer
+                self.model.save_pretrained(Path(d) / "model")
+                save_tree(Path(d) / "train_state.safetensors", state.state_dict(), self.model.cfg, self.stage)
+                (Path(d) / "progress.json").write_text(json.dumps({"stage": self.stage, "step": state.step,
+                                                                   "final": final}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if self.rank == 0 else None)
+        # A report is only registered when the controller next polls; a crash
+        # before that would lose the checkpoint. Wait until it is, so every
+        # checkpoint the loop has passed is one a restart resumes from.
+        ray.train.get_all_reported_checkpoints()
+
+
+def _quiet_reports() -> None:
+    """Train V2 logs one INFO line per report on a logger named by its file, outside ``ray.train``."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """The per-worker train function: build or resume, train the stage, save the result."""
+    import ray.train
+    import ray.train.torch
+
+    from g2p.model import G2PDiffusion
+    from g2p.train import stages
+    from g2p.train.checkpoint import load_tree
+
+    stage, section = config["stage"], RaySection(**config["ray"])
+    cfg = G2PConfig.from_json(config["cfg"])
+    tcfg: TrainConfig = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
+    torch.set_num_threads(section.cpus_per_worker)
+    _quiet_reports()
+
+    # 1. the model: a checkpoint of this run, else the input folder, else fresh (same seed on every rank)
+    torch.manual_seed(tcfg.seed)
+    resume, ckpt = None, ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if json.loads((Path(d) / "progress.json").read_text())["final"]:
+                return  # this run already finished: nothing to train, nothing to report
+            model = G2PDiffusion.from_pretrained(Path(d) / "model", cfg=cfg, device=device)
+            resume = load_tree(Path(d) / "train_state.safetensors")
+    elif config["init_model"]:
+        model = G2PDiffusion.from_pretrained(config["init_model"], cfg=cfg, device=device)
+    else:
+        model = G2PDiffusion(cfg).to(device)
+    torch.manual_seed(tcfg.seed + rank)  # anything drawn from the global RNG differs per rank
+    if section.gradient_checkpointing:
+        _enable_gradient_checkpointing(model, stage)
+
+    # 2. data: every worker loads the same records; Shard picks its slice
+    needs_images = stage != "pretrain_conditioner"
+    data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
+    factory = config["hooks_factory"]
+    user = factory(rank, world) if factory else Hooks()
+    ray_hooks = _RayHooks(stage, model, tcfg, Path(config["log_path"]), user, section.report_interval_s, device)
+    ray_hooks.log({"event": "start", "step": int(resume["step"]) if resume else 0, "world_size": world})
+
+    # 3. the same stage function the unit tests call
+    kw = dict(shard=stages.Shard(rank, world), hooks=ray_hooks.hooks(), resume=resume, progress=False,
+              wrap=_wrap_for(stage, section, device))
+    if stage == "pretrain_conditioner":
+        state = stages.pretrain_conditioner(model, data, tcfg, **kw)
+    elif stage == "train_vae":
+        state = stages.train_vae(model, data, tcfg, **kw)
+    else:
+        latents = stages.encode_latents(model, data.images)  # (N, C, h, w), deterministic
+        if stage == "train_base":
+            state = stages.train_base(model, latents, tcfg, **kw)
+        elif stage == "train_diffusion":
+            state = stages.train_diffusion(model, data, latents, tcfg, **kw)
+        else:
+            state = stages.train_aligner(model, data, latents, tcfg, **kw)
+    ray_hooks.save(state, final=True)
+
+
+# ----------------------------------------------------------------------------
+# command line (a DVC stage calls this)
+# ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import shutil
+
+    from g2p.config import load_params, preset
+
+    p = argparse.ArgumentParser(description="Train one G2PDiffusion stage on Ray Train.")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--data", required=True, help="arrays file or BIOSCAN-5M-layout root")
+    p.add_argument("--splits", nargs="+", default=["train"])
+    p.add_argument("--init-model", default=None, help="save_pretrained folder to start from")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--run-name", default=None, help="default: the stage name (same name resumes)")
+    p.add_argument("--out", required=True, help="where the final model folder is copied")
+    a = p.parse_args(argv)
+    cfg = load_params(a.params, preset_name=a.preset) if Path(a.params).exists() else preset(a.preset or "default")
+    run = run_stage(a.stage, cfg, data=a.data, splits=a.splits, init_model=a.init_model,
+                    run_name=a.run_name or a.stage, scaling=load_ray_section(a.params))
+    shutil.copytree(run.model_dir, a.out, dirs_exist_ok=True)
+    print(json.dumps({"model": a.out, "seconds": round(run.seconds, 1), **(run.result.metrics or {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

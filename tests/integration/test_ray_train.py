@@ -1,0 +1,229 @@
+"""Real local Ray (Train V2): the adapter runs the same stage functions on 1 and 2 workers,
+synchronises gradients, survives a killed worker and resumes an interrupted run by name.
+
+One Ray instance for the module (2 CPUs); tiny preset, a dozen steps per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from g2p.config import PIPELINE_SECTIONS, ConfigError, preset
+from g2p.data.dataset import Arrays
+from g2p.model import G2PDiffusion
+from g2p.train import stages
+from g2p.train.loop import Hooks
+from pipelines.ray_train import RaySection, load_ray_section, ray_section, run_stage, save_arrays
+
+pytestmark = pytest.mark.integration
+
+CFG = preset("tiny")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _arrays(n: int = 16, seed: int = 0) -> Arrays:
+    """Two 'species': the barcode family decides the image colour (as tests/test_generator.py)."""
+    rng = np.random.default_rng(seed)
+    base = ["".join(rng.choice(list("ACGT"), 600)) for _ in range(2)]
+    barcodes, images = [], []
+    for i in range(n):
+        s = i % 2
+        seq = list(base[s])
+        for p in rng.choice(600, 6, replace=False):
+            seq[p] = "ACGT"[rng.integers(4)]
+        barcodes.append("".join(seq))
+        img = np.full((3, 32, 32), 200, dtype=np.uint8)
+        img[s, 8:24, 8:24] = 30
+        images.append(img)
+    return Arrays(
+        processid=np.array([f"P{i}" for i in range(n)]), barcode=barcodes,
+        lat=torch.linspace(-40, 40, n), lon=torch.zeros(n), has_place=torch.ones(n, dtype=torch.bool),
+        species=np.array([f"sp{i % 2}" for i in range(n)], dtype=object),
+        images=torch.from_numpy(np.stack(images)),
+    )
+
+
+def _steps(stage: str, steps: int, log_every: int, checkpoint_every: int):
+    return CFG.override({stage: {"steps": steps, "log_every": log_every, "checkpoint_every": checkpoint_every}})
+
+
+# hooks built inside the workers: plain picklable classes (shipped by value, see the fixture)
+
+
+class RankRecorder:
+    """Each rank writes its shard, losses and a digest of its trained weights at the last step."""
+
+    def __init__(self, out: Path, steps: int) -> None:
+        self.out, self.steps = out, steps
+
+    def __call__(self, rank: int, world: int) -> Hooks:
+        path = self.out / f"rank{rank}.jsonl"
+
+        def write(row: dict) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps({"rank": rank, "world": world, **row}) + "\n")
+
+        def digest(step: int, state) -> None:
+            if step == self.steps:
+                flat = torch.cat([p.detach().flatten() for g in state.optimizer.param_groups for p in g["params"]])
+                write({"step": step, "digest": hashlib.sha256(flat.numpy().tobytes()).hexdigest()})
+
+        return Hooks(on_step=[lambda step, m: write({"step": step, "loss": m["loss"]})], on_checkpoint=[digest])
+
+
+class KillAt:
+    """SIGKILL this worker process at ``step`` on ``rank``, once (a marker file remembers)."""
+
+    def __init__(self, rank: int, step: int, marker: Path) -> None:
+        self.rank, self.step, self.marker = rank, step, marker
+
+    def __call__(self, rank: int, world: int) -> Hooks:
+        def maybe_die(step: int, _metrics: dict) -> None:
+            if rank == self.rank and step == self.step and not self.marker.exists():
+                self.marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return Hooks(on_step=[maybe_die])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    import ray.cloudpickle
+
+    from pipelines.ray_train import ensure_ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_arrays(_arrays(), tmp_path_factory.mktemp("data") / "arrays.safetensors")
+
+
+def _step_rows(log: list[dict]) -> list[int]:
+    return [r["step"] for r in log if r["event"] == "step"]
+
+
+# ----------------------------------------------------------------------------
+
+
+def test_one_worker_is_the_plain_loop(ray_local, data_file: Path, tmp_path: Path) -> None:
+    """1 worker: the loss goes down, the model loads, and it equals the in-process run of the same stage."""
+    cfg = _steps("train_vae", 20, 2, 10)
+    run = run_stage("train_vae", cfg, data=data_file, run_name="vae1", storage_path=tmp_path,
+                    scaling=RaySection(num_workers=1))
+    log = run.log()
+    losses = [r["loss"] for r in log if r["event"] == "step"]
+    assert _step_rows(log) == list(range(2, 21, 2))
+    assert losses[-1] < losses[0]
+    assert list(run.result.metrics_dataframe["step"]) == [10, 20]
+    got = G2PDiffusion.from_pretrained(run.model_dir, cfg=cfg)
+    assert got.cfg.vae.scaling_factor != 1.0  # the stage's finishing work is in the saved model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (cpus_per_worker=1): same summation order
+    try:
+        torch.manual_seed(cfg.train_vae.seed)
+        ref = G2PDiffusion(cfg)
+        stages.train_vae(ref, _arrays(), cfg.train_vae, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for (k, a), b in zip(ref.vae.state_dict().items(), got.vae.state_dict().values()):
+        assert torch.equal(a, b), k  # bit for bit: the adapter adds no numerics
+
+
+def test_two_workers_shard_the_data_and_keep_weights_in_sync(ray_local, data_file: Path, tmp_path: Path) -> None:
+    """DDP over conditioner + LoRA (gradient checkpointing on): same weights, different batches per rank."""
+    steps = 12
+    cfg = _steps("train_diffusion", steps, 2, 6)
+    run = run_stage("train_diffusion", cfg, data=data_file, run_name="diff2", storage_path=tmp_path,
+                    scaling=RaySection(num_workers=2, gradient_checkpointing=True),
+                    hooks_factory=RankRecorder(tmp_path, steps))
+    rows = {r: [json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert {row["world"] for r in rows for row in rows[r]} == {2}
+    digests = [[x["digest"] for x in rows[r] if "digest" in x] for r in (0, 1)]
+    assert digests[0] == digests[1] and len(digests[0]) == 1  # gradients were averaged: identical weights
+    losses = [{x["step"]: x["loss"] for x in rows[r] if "loss" in x} for r in (0, 1)]
+    assert losses[0].keys() == losses[1].keys() == set(range(2, steps + 1, 2))
+    assert all(losses[0][s] != losses[1][s] for s in losses[0])  # each rank trained on its own shard
+
+    # the result is a generator with LoRA that fits the data better than its start
+    torch.manual_seed(cfg.train_diffusion.seed)
+    before = G2PDiffusion(cfg)
+    before.add_lora()
+    after = G2PDiffusion.from_pretrained(run.model_dir, cfg=cfg)
+    data = _arrays()
+    latents = stages.encode_latents(before, data.images)
+    assert after.has_lora
+    assert stages.eval_diffusion_loss(after, data, latents) < stages.eval_diffusion_loss(before, data, latents)
+
+
+def test_killed_worker_restarts_from_checkpoint_and_logs_each_step_once(
+        ray_local, data_file: Path, tmp_path: Path) -> None:
+    cfg = _steps("pretrain_conditioner", 12, 1, 4)
+    marker = tmp_path / "killed"
+    run = run_stage("pretrain_conditioner", cfg, data=data_file, run_name="mlm", storage_path=tmp_path,
+                    scaling=RaySection(num_workers=2, max_failures=2), hooks_factory=KillAt(1, 7, marker))
+    assert marker.exists()  # rank 1 really died at step 7 of the first attempt
+    log = run.log()
+    starts = [(r["step"], r["attempt"]) for r in log if r["event"] == "start"]
+    assert starts == [(0, 0), (4, 1)]  # the restart continued from the step-4 checkpoint, not from 0
+    assert _step_rows(log) == list(range(1, 13))  # steps 5-7 ran twice but are logged once
+    assert [r["attempt"] for r in log if r["event"] == "step"] == [0] * 7 + [1] * 5
+    assert list(run.result.metrics_dataframe["step"]) == [4, 8, 12]
+    G2PDiffusion.from_pretrained(run.model_dir, cfg=cfg)
+
+
+def test_same_run_name_resumes_an_interrupted_stage(ray_local, data_file: Path, tmp_path: Path) -> None:
+    import ray.train
+
+    cfg = _steps("pretrain_conditioner", 8, 1, 4)
+    marker = tmp_path / "killed"
+    scaling = RaySection(num_workers=2, max_failures=0)
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_stage("pretrain_conditioner", cfg, data=data_file, run_name="mlm", storage_path=tmp_path,
+                  scaling=scaling, hooks_factory=KillAt(0, 6, marker))
+    # a new trainer, same name and storage: picks the step-4 checkpoint up
+    run = run_stage("pretrain_conditioner", cfg, data=data_file, run_name="mlm", storage_path=tmp_path,
+                    scaling=scaling, hooks_factory=KillAt(0, 6, marker))
+    log = run.log()
+    assert [(r["step"], r["attempt"]) for r in log if r["event"] == "start"] == [(0, 0), (4, 1)]
+    assert _step_rows(log) == list(range(1, 9))
+    assert run.result.metrics["step"] == 8 and run.result.metrics["final"] == 1.0
+    # once finished, the same name is a no-op that hands back the same model
+    again = run_stage("pretrain_conditioner", cfg, data=data_file, run_name="mlm", storage_path=tmp_path,
+                      scaling=scaling)
+    assert again.model_dir == run.model_dir and again.log() == log
+
+
+# ----------------------------------------------------------------------------
+# the `ray` section (no Ray needed)
+# ----------------------------------------------------------------------------
+
+
+def test_ray_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> None:
+    assert "ray" in PIPELINE_SECTIONS
+    assert load_ray_section(ROOT / "params.yaml") == RaySection()
+    assert ray_section({"num_workers": 4, "use_gpu": True}).num_workers == 4
+    with pytest.raises(ConfigError, match=r"ray\.bogus"):
+        ray_section({"bogus": 1})
+    with pytest.raises(ConfigError, match=r"ray\.num_workers"):
+        ray_section({"num_workers": "2"})
+    with pytest.raises(ConfigError, match=r"ray\.num_workers"):
+        ray_section({"num_workers": 0})
+    p = tmp_path / "params.yaml"
+    p.write_text("ray:\n  max_failures: 5\n  bf16: false\n")
+    assert load_ray_section(p) == RaySection(max_failures=5, bf16=False)
