@@ -73,12 +73,20 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_dump(args: argparse.Namespace) -> int:
+    """The model sections of a preset, then the pipeline's own sections (their defaults)."""
+    import dataclasses
+
     import yaml
 
     from g2p.config import preset
+    from pipelines.ray_train import RaySection
 
     cfg = _config(args) if args.params else preset(args.preset)
+    print("# Every knob of the run, stated in full. Regenerate with:")
+    print(f"#   g2p config dump --preset {args.preset} > params.yaml")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print("# Pipeline sections (validated by pipelines/, not part of the model config).")
+    print(yaml.safe_dump({"ray": dataclasses.asdict(RaySection())}, sort_keys=False), end="")
     return 0
 
 
