@@ -7,7 +7,13 @@ Arrow buffers (no Python string per record), so making it takes seconds and
 the benchmark does not depend on the synthetic image generator.
 
 The validation runs in a fresh child process so its peak RSS is its own, not
-the generator's. Usage::
+the generator's. Measured on the project's 2-core box, nothing else running
+(load < 1): 26.8 and 28.7 s wall (about 41 s CPU over both cores), peak RSS
+6.8-7.0 GB, 2.7% of records quarantined; phases: CSV + rules 12 s, ids and
+splits 2.5 s, GX 6 s with the file writes alongside, then 8 s more of writing.
+With other jobs on the box (load 4-7) the same run took 58-113 s wall at
+37-47 s CPU. The table is pessimistic: a quarter of its reads are longer than
+660 nt and need a trim (few of the real ones do). Usage::
 
     .venv/bin/python benchmarks/validate_bench.py               # 5.15M rows
     .venv/bin/python benchmarks/validate_bench.py --rows 200000 # quick look
