@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+from g2p.data.dataset import Arrays
 from g2p.data.layout import COLUMNS, METADATA_RELPATH, chunk_for, image_relpath
 
 SAMPLE_CSV = Path("/work/shared/bioscan-sample/bioscan5m_sample_25.csv")
@@ -57,3 +60,25 @@ def build_root(root: Path, records: pd.DataFrame | None = None, images: bool = T
 def bioscan_sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only root in the BIOSCAN-5M layout holding the 25 real records and images."""
     return build_root(tmp_path_factory.mktemp("bioscan_sample"))
+
+
+def two_species_arrays(n: int = 16, seed: int = 0) -> Arrays:
+    """Two 'species': barcode family decides the image colour, so there is a map to learn."""
+    rng = np.random.default_rng(seed)
+    base = ["".join(rng.choice(list("ACGT"), 600)) for _ in range(2)]
+    barcodes, images = [], []
+    for i in range(n):
+        s = i % 2
+        seq = list(base[s])
+        for p in rng.choice(600, 6, replace=False):
+            seq[p] = "ACGT"[rng.integers(4)]
+        barcodes.append("".join(seq))
+        img = np.full((3, 32, 32), 200, dtype=np.uint8)
+        img[s, 8:24, 8:24] = 30  # a dark square in channel 0 or 1
+        images.append(img)
+    return Arrays(
+        processid=np.array([f"P{i}" for i in range(n)]), barcode=barcodes,
+        lat=torch.linspace(-40, 40, n), lon=torch.zeros(n), has_place=torch.ones(n, dtype=torch.bool),
+        species=np.array([f"sp{i % 2}" for i in range(n)], dtype=object),
+        images=torch.from_numpy(np.stack(images)),
+    )

@@ -15,36 +15,15 @@ from g2p.model import G2PDiffusion
 from g2p.train import stages
 from g2p.train.checkpoint import ArchitectureMismatch
 from g2p.train.loop import Hooks
+from tests.fixtures import two_species_arrays
 
 CFG = preset("tiny")
-
-
-def _arrays(n: int = 16, seed: int = 0) -> Arrays:
-    """Two 'species': barcode family decides the image colour, so there is a map to learn."""
-    rng = np.random.default_rng(seed)
-    base = ["".join(rng.choice(list("ACGT"), 600)) for _ in range(2)]
-    barcodes, images = [], []
-    for i in range(n):
-        s = i % 2
-        seq = list(base[s])
-        for p in rng.choice(600, 6, replace=False):
-            seq[p] = "ACGT"[rng.integers(4)]
-        barcodes.append("".join(seq))
-        img = np.full((3, 32, 32), 200, dtype=np.uint8)
-        img[s, 8:24, 8:24] = 30  # a dark square in channel 0 or 1
-        images.append(img)
-    return Arrays(
-        processid=np.array([f"P{i}" for i in range(n)]), barcode=barcodes,
-        lat=torch.linspace(-40, 40, n), lon=torch.zeros(n), has_place=torch.ones(n, dtype=torch.bool),
-        species=np.array([f"sp{i % 2}" for i in range(n)], dtype=object),
-        images=torch.from_numpy(np.stack(images)),
-    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[float]]]:
     torch.manual_seed(0)
-    data = _arrays()
+    data = two_species_arrays()
     model = G2PDiffusion(CFG)
     losses: dict[str, list[float]] = {}
 
@@ -95,7 +74,7 @@ def test_loading_into_another_architecture_names_the_field(trained) -> None:
 
 def test_same_seed_same_images_and_w0_is_unguided(trained) -> None:
     gen = Generator.from_checkpoint(trained[0])
-    data = _arrays(4, seed=1)
+    data = two_species_arrays(4, seed=1)
     args = (data.barcode[:2], [10.0, None], [20.0, None])
     a = gen.generate(*args, n=3, steps=4, guidance_scale=2.0, seed=7)
     b = gen.generate(*args, n=3, steps=4, guidance_scale=2.0, seed=7)
@@ -112,7 +91,7 @@ def test_same_seed_same_images_and_w0_is_unguided(trained) -> None:
 
 def test_bad_input_names_field_and_value(trained) -> None:
     gen = Generator.from_checkpoint(trained[0])
-    good = _arrays(1).barcode[0]
+    good = two_species_arrays(1).barcode[0]
     with pytest.raises(ValueError, match=r"barcodes\[0\].*XYZ"):
         gen.generate(["ACGTXYZ" * 40], [0.0], [0.0], n=1, steps=1)
     with pytest.raises(ValueError, match="latitude.*95"):
@@ -143,7 +122,7 @@ def test_cli_generate_writes_a_grid(trained, tmp_path: Path) -> None:
     from pipelines.cli import main
 
     out = tmp_path / "grid.png"
-    rc = main(["generate", "--checkpoint", str(trained[0]), "--barcode", _arrays(1).barcode[0],
+    rc = main(["generate", "--checkpoint", str(trained[0]), "--barcode", two_species_arrays(1).barcode[0],
                "--lat", "10", "--lon", "20", "--n", "4", "--steps", "2", "--seed", "3", "--out", str(out)])
     assert rc == 0
     with Image.open(out) as im:

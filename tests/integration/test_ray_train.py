@@ -23,33 +23,12 @@ from g2p.model import G2PDiffusion
 from g2p.train import stages
 from g2p.train.loop import Hooks
 from pipelines.ray_train import RaySection, load_ray_section, ray_section, run_stage, save_arrays
+from tests.fixtures import two_species_arrays
 
 pytestmark = pytest.mark.integration
 
 CFG = preset("tiny")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _arrays(n: int = 16, seed: int = 0) -> Arrays:
-    """Two 'species': the barcode family decides the image colour (as tests/test_generator.py)."""
-    rng = np.random.default_rng(seed)
-    base = ["".join(rng.choice(list("ACGT"), 600)) for _ in range(2)]
-    barcodes, images = [], []
-    for i in range(n):
-        s = i % 2
-        seq = list(base[s])
-        for p in rng.choice(600, 6, replace=False):
-            seq[p] = "ACGT"[rng.integers(4)]
-        barcodes.append("".join(seq))
-        img = np.full((3, 32, 32), 200, dtype=np.uint8)
-        img[s, 8:24, 8:24] = 30
-        images.append(img)
-    return Arrays(
-        processid=np.array([f"P{i}" for i in range(n)]), barcode=barcodes,
-        lat=torch.linspace(-40, 40, n), lon=torch.zeros(n), has_place=torch.ones(n, dtype=torch.bool),
-        species=np.array([f"sp{i % 2}" for i in range(n)], dtype=object),
-        images=torch.from_numpy(np.stack(images)),
-    )
 
 
 def _steps(stage: str, steps: int, log_every: int, checkpoint_every: int):
@@ -110,7 +89,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_arrays(_arrays(), tmp_path_factory.mktemp("data") / "arrays.safetensors")
+    return save_arrays(two_species_arrays(), tmp_path_factory.mktemp("data") / "arrays.safetensors")
 
 
 def _step_rows(log: list[dict]) -> list[int]:
@@ -138,7 +117,7 @@ def test_one_worker_is_the_plain_loop(ray_local, data_file: Path, tmp_path: Path
     try:
         torch.manual_seed(cfg.train_vae.seed)
         ref = G2PDiffusion(cfg)
-        stages.train_vae(ref, _arrays(), cfg.train_vae, progress=False)
+        stages.train_vae(ref, two_species_arrays(), cfg.train_vae, progress=False)
     finally:
         torch.set_num_threads(threads)
     for (k, a), b in zip(ref.vae.state_dict().items(), got.vae.state_dict().values()):
@@ -165,7 +144,7 @@ def test_two_workers_shard_the_data_and_keep_weights_in_sync(ray_local, data_fil
     before = G2PDiffusion(cfg)
     before.add_lora()
     after = G2PDiffusion.from_pretrained(run.model_dir, cfg=cfg)
-    data = _arrays()
+    data = two_species_arrays()
     latents = stages.encode_latents(before, data.images)
     assert after.has_lora
     assert stages.eval_diffusion_loss(after, data, latents) < stages.eval_diffusion_loss(before, data, latents)
