@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from g2p.config import G2PConfig, preset
-from g2p.data.dataset import Arrays
+from g2p.config import preset
 from g2p.generate import Generator
 from g2p.model import G2PDiffusion
 from g2p.train import stages

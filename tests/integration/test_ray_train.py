@@ -13,12 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from g2p.config import PIPELINE_SECTIONS, ConfigError, preset
-from g2p.data.dataset import Arrays
 from g2p.model import G2PDiffusion
 from g2p.train import stages
 from g2p.train.loop import Hooks
