@@ -23,10 +23,13 @@ install: $(STAMP)
 
 # The main job: materialise the data version data.dvc records (dvc pull, or
 # synthesise the embedded default where no remote is configured), then run
-# the pipeline.
+# the pipeline under one MLflow parent run (ended FAILED if a stage fails).
 run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/materialise_data.sh
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	G2P_PIPELINE_RUN_ID=$$($(PY) -m pipelines.tracking begin) || exit 1; export G2P_PIPELINE_RUN_ID; \
+	if dvc repro; then $(PY) -m pipelines.tracking end; \
+	else rc=$$?; $(PY) -m pipelines.tracking end --status FAILED; exit $$rc; fi
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q

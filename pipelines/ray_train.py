@@ -434,7 +434,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         elif stage == "train_diffusion":
             state = stages.train_diffusion(model, data, latents, tcfg, **kw)
         else:
-            state = stages.train_aligner(model, data, latents, tcfg, **kw)
+            # the bank size of the params at hand, not of the checkpoint's cfg (set at the first stage)
+            state = stages.train_aligner(model, data, latents, tcfg, bank_size=cfg.sampling.negative_bank_size, **kw)
     ray_hooks.save(state, final=True)
 
 
