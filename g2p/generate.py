@@ -9,6 +9,7 @@ from one CPU ``torch.Generator`` seeded per call.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class Generator:
         places = [check_coordinates(la, lo) for la, lo in zip(latitudes, longitudes)]
 
         m = self.model
-        sampling = s if scheduler is None else type(s)(**{**s.__dict__, "scheduler": scheduler})
+        sampling = s if scheduler is None else dataclasses.replace(s, scheduler=scheduler)
         sched = build_sampling_scheduler(m.cfg.diffusion, sampling)
         cond_fn = make_aligner_cond_fn(m.aligner, m.negative_bank.to(m.device)) if w != 0 else None
         gen = torch.Generator().manual_seed(seed)

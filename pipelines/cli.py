@@ -42,7 +42,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     cfg = preset(args.preset).data if args.params is None else _config(args).data
     if args.seed is not None:
-        cfg = type(cfg)(**{**cfg.__dict__, "seed": args.seed})
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     summary = synthesise(Path(args.out), cfg, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
