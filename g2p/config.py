@@ -158,6 +158,12 @@ class LoRAConfig:
     alpha: int = 8
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Beyond the paper: also add the pooled condition c (masked mean of the context tokens) to
+    # the UNet's timestep embedding through a small MLP whose output starts at zero (diffusers'
+    # class_embed_type="projection", as SD-XL adds pooled text). Global traits (colour, size)
+    # then reach every ResNet block directly instead of only the cross-attention levels; trained
+    # fully with the LoRA matrices. Off in the `paper` preset (the paper's architecture).
+    pooled_embedding: bool = True
 
 
 @dataclass(frozen=True)
@@ -320,7 +326,7 @@ def _paper() -> G2PConfig:
             cross_attention_levels=(True, True, True, False), attention_head_dim=8,
             norm_num_groups=32, pretrained_path="models/stable-diffusion",
         ),
-        lora=LoRAConfig(rank=16, alpha=16),
+        lora=LoRAConfig(rank=16, alpha=16, pooled_embedding=False),
         diffusion=DiffusionConfig(beta_schedule="scaled_linear"),
         aligner=AlignerConfig(patch_size=2, width=768, num_layers=6, num_heads=12),
         sampling=SamplingConfig(steps=50, negative_bank_size=256),

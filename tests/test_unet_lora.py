@@ -12,6 +12,7 @@ from g2p.diffusion.schedule import build_train_scheduler
 from g2p.models.unet import (
     Denoiser,
     add_lora,
+    add_pooled_embedding,
     build_unet,
     freeze_base,
     get_lora_state_dict,
@@ -74,8 +75,11 @@ def test_lora_only_adapter_and_null_context_train():
     den = tiny_denoiser(cfg)
     add_lora(den.unet, cfg.lora)
     names = [n for n, _ in trainable_parameters(den)]
-    assert "null_context" in names and all("lora_" in n for n in names if n != "null_context")
-    assert len(names) > 1
+    pooled = [n for n in names if n.startswith("unet.class_embedding.")]
+    assert len(pooled) == 4  # the pooled-condition MLP (lora.pooled_embedding), trained in full
+    assert "null_context" in names
+    assert all("lora_" in n for n in names if n != "null_context" and n not in pooled)
+    assert len(names) > 5
     for p in den.parameters():  # freeze_base reaches the same split from a fully trainable model
         p.requires_grad_(True)
     freeze_base(den)
@@ -171,3 +175,33 @@ def test_denoiser_wraps_any_unet():
     cfg = tiny_config()
     den = Denoiser(tiny_denoiser(cfg).unet)
     assert den.null_context.shape == (1, D) and den.context_dim == D
+
+
+def test_pooled_embedding_starts_at_base_and_learns_the_condition():
+    cfg = tiny_config()
+    den = tiny_denoiser(cfg).eval()
+    x, t, ctx, mask = _inputs(cfg)
+    with torch.no_grad():
+        before = den(x, t, ctx, mask)
+    add_lora(den.unet, cfg.lora)
+    assert den.unet.config.class_embed_type == "projection"
+    with torch.no_grad():
+        assert torch.equal(den(x, t, ctx, mask), before)  # zero-initialised output: the base UNet
+    # the diffusion loss reaches it through the pooled context
+    loss = diffusion_loss(den, x, ctx, mask, build_train_scheduler(cfg.diffusion),
+                          cfg.diffusion.__class__(condition_dropout=0.0), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert den.unet.class_embedding.linear_2.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        den.unet.class_embedding.linear_2.weight.normal_()
+        assert not torch.allclose(den(x, t, ctx, mask), before)
+    emb = den.unet.class_embedding
+    add_pooled_embedding(den.unet)  # idempotent: a loaded UNet keeps its trained embedding
+    assert den.unet.class_embedding is emb and emb.linear_2.weight.requires_grad
+
+
+def test_pooled_embedding_off_keeps_the_papers_unet():
+    cfg = tiny_config().set("lora.pooled_embedding", False)
+    den = tiny_denoiser(cfg)
+    add_lora(den.unet, cfg.lora)
+    assert den.unet.class_embedding is None

@@ -31,6 +31,7 @@ __all__ = [
     "build_unet",
     "load_unet",
     "add_lora",
+    "add_pooled_embedding",
     "freeze_base",
     "trainable_parameters",
     "get_lora_state_dict",
@@ -127,13 +128,44 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig, adapter_name: str = "d
         ),
         adapter_name=adapter_name,
     )
+    if cfg.pooled_embedding:
+        add_pooled_embedding(unet)
 
 
-def freeze_base(module: nn.Module, keep: tuple[str, ...] = ("lora_", "null_context")) -> None:
+def add_pooled_embedding(unet: UNet2DConditionModel) -> None:
+    """Give the UNet a trainable embedding of the pooled condition, added to its timestep embedding.
+
+    This is diffusers' own ``class_embed_type="projection"`` path (a
+    ``TimestepEmbedding`` MLP from ``cross_attention_dim`` to the time-embedding
+    width), registered in the UNet's config so a saved UNet rebuilds it. Its
+    last layer starts at zero, so like the LoRA matrices it starts exactly at
+    the base UNet; it trains in full. Idempotent (a loaded UNet already has it).
+    """
+    if unet.class_embedding is not None:
+        if unet.config.class_embed_type != "projection":
+            raise ConfigError(f"lora.pooled_embedding: the UNet already has a class embedding of type "
+                              f"{unet.config.class_embed_type!r}")
+        unet.class_embedding.requires_grad_(True)
+        return
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    d = int(unet.config.cross_attention_dim)
+    time_embed_dim = unet.time_embedding.linear_2.out_features
+    emb = TimestepEmbedding(d, time_embed_dim, act_fn=unet.config.act_fn)
+    nn.init.zeros_(emb.linear_2.weight)
+    nn.init.zeros_(emb.linear_2.bias)
+    p = next(unet.parameters())
+    unet.class_embedding = emb.to(device=p.device, dtype=p.dtype)
+    unet.register_to_config(class_embed_type="projection", projection_class_embeddings_input_dim=d)
+
+
+def freeze_base(module: nn.Module,
+                keep: tuple[str, ...] = ("lora_", "null_context", "class_embedding.")) -> None:
     """Freeze every parameter of ``module`` except those whose name holds one of ``keep``.
 
     The default trains what LoRA finetuning of the paper trains: the adapter
-    matrices, plus the Denoiser's learned null context.
+    matrices, plus the Denoiser's learned null context (and the pooled-condition
+    embedding, when the UNet has one).
     """
     for name, p in module.named_parameters():
         p.requires_grad_(any(k in name for k in keep))
@@ -241,6 +273,23 @@ class Denoiser(nn.Module):
         return ctx, mask
 
     def forward(self, x_t: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        """Predicted noise eps_hat for latents ``x_t`` (B, C, h, w) at timesteps ``t`` (B,) or scalar."""
+        """Predicted noise eps_hat for latents ``x_t`` (B, C, h, w) at timesteps ``t`` (B,) or scalar.
+
+        With a pooled-condition embedding (``lora.pooled_embedding``), the
+        masked mean of the context tokens (the conditioner's pooled c; for the
+        null condition, the null token) also enters the timestep embedding.
+        """
         mask = None if context_mask is None else context_mask.to(x_t.dtype)  # (B, L), 1 = attend
-        return self.unet(x_t, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+        pooled = None
+        if self.unet.class_embedding is not None:
+            pooled = pool_context(context, mask)  # (B, d)
+        return self.unet(x_t, t, encoder_hidden_states=context, encoder_attention_mask=mask,
+                         class_labels=pooled).sample
+
+
+def pool_context(context: Tensor, mask: Tensor | None) -> Tensor:
+    """Masked mean of context tokens (B, L, d) -> (B, d): the conditioner's mean pooling."""
+    if mask is None:
+        return context.mean(dim=1)
+    w = mask.to(context.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (context * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
