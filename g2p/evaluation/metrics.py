@@ -1,0 +1,265 @@
+"""Metrics of the paper's section 4 (Tables 1 and 2, Figure 4, section 4.4) on plain arrays.
+
+Pure numpy: scores in, numbers out. The pipeline stage (``pipelines/evaluate.py``)
+feeds them the judge's cosines; the definitions are those of
+``ANCHORS.md``:
+
+- **CLIBDScore**: cosine of an image's and a barcode's judge embeddings.
+- **Success threshold**: where the score densities of true and shuffled pairs
+  cross, between their two modes (the paper's Figure 4; 0.255 for CLIBD).
+- **Top-k** (best of k): k images per (barcode, place); a barcode's score@k is
+  the highest of its first k scores, so score@k never falls as k grows;
+  success@k is the share of barcodes with at least one of the k above the
+  threshold.
+- **Relative score@k** = mean score@k / mean ground-truth score over the same
+  barcodes: a ratio of averages, which is how the paper's numbers read
+  (G2PDiffusion 0.182 / ground truth 0.512 = 0.356).
+- Rates carry 95% percentile-bootstrap intervals over barcodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ROWS = ("ground_truth", "random", "no_aligner", "g2pdiffusion", "nearest_neighbour")
+
+
+def _2d(scores: np.ndarray, name: str = "scores") -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.ndim != 2 or s.shape[1] < 1:
+        raise ValueError(f"{name}: expected (barcodes, samples), got shape {np.shape(scores)}")
+    return s
+
+
+def best_of_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, K) scores -> (B,) best of the first ``k`` (all K when ``k`` > K: a single real image is its own best)."""
+    s = _2d(scores)
+    if k < 1:
+        raise ValueError(f"k: {k!r} must be at least 1")
+    return s[:, :k].max(axis=1)
+
+
+def bootstrap_ci(values: np.ndarray, reps: int = 1000, seed: int = 0, level: float = 0.95,
+                 stat: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` (default: the mean) over the first axis of ``values``.
+
+    ``stat`` takes a (reps, n, ...) array of resamples and returns (reps,).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if reps < 1:
+        raise ValueError(f"reps: {reps!r} must be at least 1")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), size=(reps, len(v)))
+    boots = v[idx].mean(axis=1) if stat is None else np.asarray(stat(v[idx]))
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = 1000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of mean(num) / mean(den), resampling paired barcodes."""
+    pairs = np.stack([np.asarray(num, float), np.asarray(den, float)], axis=1)
+    return bootstrap_ci(pairs, reps, seed, level, stat=lambda b: b[..., 0].mean(1) / b[..., 1].mean(1))
+
+
+def gaussian_kde(samples: np.ndarray, grid: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
+    """Gaussian kernel density of ``samples`` on ``grid`` (Scott's rule bandwidth by default)."""
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    if len(x) < 2:
+        raise ValueError(f"samples: need at least 2 values for a density, got {len(x)}")
+    h = bandwidth or max(1.06 * x.std(ddof=1) * len(x) ** (-1 / 5), 1e-3)
+    z = (np.asarray(grid, dtype=np.float64)[:, None] - x[None, :]) / h
+    return np.exp(-0.5 * z * z).sum(axis=1) / (len(x) * h * np.sqrt(2 * np.pi))
+
+
+def score_densities(true_scores: np.ndarray, shuffled_scores: np.ndarray,
+                    num: int = 401) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid, density of true pairs, density of shuffled pairs) over [-1, 1]."""
+    grid = np.linspace(-1.0, 1.0, num)
+    return grid, gaussian_kde(true_scores, grid), gaussian_kde(shuffled_scores, grid)
+
+
+def success_threshold(true_scores: np.ndarray, shuffled_scores: np.ndarray, num: int = 2001) -> float:
+    """Where the true-pair and shuffled-pair densities cross between their modes.
+
+    If the shuffled mode is not below the true mode (a judge that tells nothing)
+    the midpoint of the two means is returned; if the densities never cross
+    between the modes (they barely overlap), the point of least summed density.
+    """
+    t, s = np.asarray(true_scores, float), np.asarray(shuffled_scores, float)
+    grid = np.linspace(-1.0, 1.0, num)
+    dt, ds = gaussian_kde(t, grid), gaussian_kde(s, grid)
+    lo, hi = int(np.argmax(ds)), int(np.argmax(dt))
+    if lo >= hi:
+        return float((t.mean() + s.mean()) / 2)
+    diff = dt[lo:hi + 1] - ds[lo:hi + 1]  # negative at the shuffled mode, positive at the true one
+    cross = np.nonzero((diff[:-1] < 0) & (diff[1:] >= 0))[0]
+    if len(cross) == 0:
+        return float(grid[lo + int(np.argmin(dt[lo:hi + 1] + ds[lo:hi + 1]))])
+    i = lo + int(cross[-1])  # the last sign change before the true mode
+    d0, d1 = dt[i] - ds[i], dt[i + 1] - ds[i + 1]
+    return float(grid[i] + (grid[i + 1] - grid[i]) * (-d0) / (d1 - d0))
+
+
+def topk_metrics(scores: np.ndarray, gt_scores: np.ndarray, threshold: float, ks: Sequence[int],
+                 reps: int = 1000, seed: int = 0) -> dict[str, float]:
+    """One table row: ``score@k``, ``relative_score@k``, ``success@k`` (+ ``_low``/``_high``) for each k.
+
+    ``scores`` (B, K) are a row's k images per barcode, ``gt_scores`` (B,) the
+    ground-truth image's score for the same barcodes. Intervals: 95%
+    bootstrap over barcodes (the same resamples for every k).
+    """
+    s = _2d(scores)
+    gt = np.asarray(gt_scores, dtype=np.float64)
+    if gt.shape != (s.shape[0],):
+        raise ValueError(f"gt_scores: expected shape ({s.shape[0]},), got {gt.shape}")
+    out: dict[str, float] = {}
+    for k in ks:
+        best = best_of_k(s, k)
+        hit = (best > threshold).astype(np.float64)
+        out[f"score@{k}"] = float(best.mean())
+        out[f"score@{k}_low"], out[f"score@{k}_high"] = bootstrap_ci(best, reps, seed)
+        out[f"relative_score@{k}"] = float(best.mean() / gt.mean()) if gt.mean() != 0 else float("nan")
+        out[f"relative_score@{k}_low"], out[f"relative_score@{k}_high"] = ratio_ci(best, gt, reps, seed)
+        out[f"success@{k}"] = float(hit.mean())
+        out[f"success@{k}_low"], out[f"success@{k}_high"] = bootstrap_ci(hit, reps, seed)
+    return out
+
+
+def nearest_species(image_emb: np.ndarray, species_emb: np.ndarray) -> np.ndarray:
+    """Index of the closest (cosine) species embedding for each image embedding."""
+    a = np.asarray(image_emb, np.float64)
+    b = np.asarray(species_emb, np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.argmax(a @ b.T, axis=1)
+
+
+def species_prototypes(barcode_emb: np.ndarray, species: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-species mean of barcode embeddings (re-normalised): (names (S,), embeddings (S, D))."""
+    sp = np.asarray(species, dtype=object)
+    names = np.array(sorted(set(sp.tolist())), dtype=object)
+    e = np.asarray(barcode_emb, np.float64)
+    protos = np.stack([e[sp == n].mean(axis=0) for n in names])
+    return names, protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+
+
+def species_hits(image_emb: np.ndarray, image_species: Sequence[str], names: np.ndarray,
+                 protos: np.ndarray) -> np.ndarray:
+    """(N,) 1.0 where an image's closest species prototype is its own species, else 0.0."""
+    pred = names[nearest_species(image_emb, protos)]
+    return (pred == np.asarray(image_species, dtype=object)).astype(np.float64)
+
+
+def rate_with_ci(hits: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    h = np.asarray(hits, np.float64)
+    lo, hi = bootstrap_ci(h, reps, seed)
+    return float(h.mean()), lo, hi
+
+
+def kmer_profiles(barcodes: Sequence[str], k: int = 4) -> np.ndarray:
+    """(N, 4^k) k-mer frequency profiles (k-mers with N skipped), L1-normalised."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for i, c in enumerate(b"ACGT"):
+        lut[c] = i
+    out = np.zeros((len(barcodes), 4 ** k), dtype=np.float64)
+    for r, b in enumerate(barcodes):
+        codes = lut[np.frombuffer(b.upper().encode(), dtype=np.uint8)]
+        if len(codes) < k:
+            continue
+        win = np.lib.stride_tricks.sliding_window_view(codes, k)
+        ok = (win >= 0).all(axis=1)
+        idx = (win[ok] * (4 ** np.arange(k - 1, -1, -1))).sum(axis=1)
+        np.add.at(out[r], idx, 1.0)
+        out[r] /= max(out[r].sum(), 1.0)
+    return out
+
+
+def nearest_barcodes(query: Sequence[str], reference: Sequence[str], n: int = 1, k: int = 4,
+                     exclude_self: bool = False) -> np.ndarray:
+    """(Q, n) indices of the ``n`` reference barcodes closest to each query (L1 distance of k-mer profiles).
+
+    k-mer profiles, not Hamming: barcodes start and end at different read
+    positions, so position-wise comparison is meaningless without alignment.
+    Ties break by reference order.
+    """
+    if n < 1 or n > len(reference):
+        raise ValueError(f"n: {n!r} must be in [1, {len(reference)}]")
+    q, r = kmer_profiles(query, k), kmer_profiles(reference, k)
+    d = np.abs(q[:, None, :] - r[None, :, :]).sum(axis=2)
+    if exclude_self:
+        d[d == 0] = np.inf
+    return np.argsort(d, axis=1, kind="stable")[:, :n]
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A random permutation of range(n) with no fixed point (n >= 2): a random cycle."""
+    if n < 2:
+        raise ValueError(f"n: {n!r} must be at least 2 to shuffle pairs")
+    rng = np.random.default_rng(seed)
+    perm = np.arange(n)
+    for i in range(n - 1, 0, -1):  # Sattolo's algorithm: a uniformly random n-cycle has no fixed point
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def random_other_indices(species: Sequence[str], query_species: Sequence[str], k: int,
+                         seed: int = 0) -> np.ndarray:
+    """(Q, k) indices into ``species`` of records of *another* species than each query's (the Random row)."""
+    sp = np.asarray(species, dtype=object)
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(query_species), k), dtype=np.int64)
+    for i, s in enumerate(query_species):
+        pool = np.nonzero(sp != s)[0]
+        if len(pool) == 0:
+            raise ValueError(f"species: no record of a species other than {s!r} to draw random images from")
+        out[i] = rng.choice(pool, size=k, replace=len(pool) < k)
+    return out
+
+
+def bergmann_slope(abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray | None = None) -> float:
+    """Relative size gain per degree of |latitude|: fit size = a (1 + b |lat|), return b.
+
+    With ``group`` (e.g. one id per barcode) each group gets its own linear
+    fit size = a_g + c_g |lat| and the result is the mean of c_g / a_g.
+    """
+    x, y = np.asarray(abs_lat, float), np.asarray(size, float)
+    g = np.zeros(len(x), dtype=np.int64) if group is None else np.asarray(group)
+    slopes = []
+    for gid in np.unique(g):
+        m = g == gid
+        if np.ptp(x[m]) == 0:
+            continue
+        slope, intercept = np.polyfit(x[m], y[m], 1)
+        if intercept > 0:
+            slopes.append(slope / intercept)
+    if not slopes:
+        raise ValueError("abs_lat: need at least two different latitudes in a group to fit a slope")
+    return float(np.mean(slopes))
+
+
+def trait_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                 scale: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean absolute error per trait (keys present in both) and, with ``scale``
+    (a trait's spread across species), ``mean_normalised_error``: the mean over
+    traits of MAE / scale (1 ~ as far off as a random species)."""
+    out: dict[str, float] = {}
+    norm = []
+    for name in pred:
+        if name not in truth:
+            continue
+        err = float(np.mean(np.abs(np.asarray(pred[name], float) - np.asarray(truth[name], float))))
+        out[name] = err
+        if scale and scale.get(name):
+            norm.append(err / scale[name])
+    if norm:
+        out["mean_normalised_error"] = float(np.mean(norm))
+    return out
