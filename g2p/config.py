@@ -192,6 +192,35 @@ class AlignerConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """The CLIBD-style judge (``g2p.judge``): its own towers and tokenizer, never the aligner's.
+
+    Image tower: a CNN with ``channels`` per stride-2 level over images resized
+    to ``image_size``; DNA tower: a transformer over non-overlapping ``k``-mers
+    (CLIBD: k = 5). ``aug_*`` are training augmentations (so the judge does
+    not key on pixel-exact textures of real photos): a random shift of up to
+    ``aug_shift`` of the side, brightness/contrast jitter of +-``aug_color``,
+    a slight blur with probability ``aug_blur``. Species sharing a batch are
+    all positives of each other when ``species_positives``.
+    """
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128)
+    embed_dim: int = 128
+    k: int = 5
+    max_nucleotides: int = 660
+    dna_hidden_size: int = 128
+    dna_layers: int = 0  # 0: a bag of k-mers (fast on CPU); CLIBD: 12 transformer layers
+    dna_heads: int = 4
+    dna_intermediate_size: int = 256
+    temperature_init: float = 0.07
+    species_positives: bool = True
+    aug_shift: float = 0.06
+    aug_color: float = 0.1
+    aug_blur: float = 0.3
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 25
@@ -241,6 +270,14 @@ class G2PConfig:
     train_base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, lr=1e-3, ema_decay=0.99))
     train_diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=5e-4, ema_decay=0.99))
     train_aligner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    train_judge: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3,
+                                                                         weight_decay=0.01, log_every=20,
+                                                                         checkpoint_every=500))
+    trait_reader: TraitReaderConfig = field(default_factory=TraitReaderConfig)
+    train_trait_reader: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=64, lr=2e-3,
+                                                                                weight_decay=0.01, log_every=20,
+                                                                                checkpoint_every=300))
 
     # -- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -301,6 +338,12 @@ def _tiny() -> G2PConfig:
         sampling=SamplingConfig(steps=4, negative_bank_size=8),
         **{stage: TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10)
            for stage in TRAIN_STAGES},
+        judge=JudgeConfig(image_size=32, channels=(8, 16), embed_dim=16, dna_hidden_size=16, dna_layers=1,
+                          dna_heads=2, dna_intermediate_size=32),
+        train_judge=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5, checkpoint_every=10),
+        trait_reader=TraitReaderConfig(image_size=32, channels=(8, 16), pool=2, hidden=32),
+        train_trait_reader=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
+                                       checkpoint_every=10),
     )
 
 
@@ -336,6 +379,12 @@ def _paper() -> G2PConfig:
         train_diffusion=TrainConfig(steps=100_000, batch_size=128, lr=1e-5, warmup_steps=500,
                                     ema_decay=0.9999, log_every=50, checkpoint_every=5000),
         train_aligner=TrainConfig(steps=20_000, batch_size=128, lr=1e-4, warmup_steps=500),
+        # CLIBD's towers are ViT-B/16 and a 12-layer BarcodeBERT, 768-d: our judge at that width
+        judge=JudgeConfig(image_size=224, channels=(64, 128, 256, 512, 768), embed_dim=768, dna_hidden_size=768,
+                          dna_layers=12, dna_heads=12, dna_intermediate_size=3072),
+        train_judge=TrainConfig(steps=20_000, batch_size=128, lr=1e-4, warmup_steps=500),
+        trait_reader=TraitReaderConfig(image_size=128, channels=(32, 64, 128, 256)),
+        train_trait_reader=TrainConfig(steps=5_000, batch_size=128, lr=1e-3, warmup_steps=200),
     )
 
 
