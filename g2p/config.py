@@ -221,25 +221,6 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
-class TraitReaderConfig:
-    """The trait reader (``g2p.trait_reader``): a CNN regressing a synthetic image's species traits.
-
-    ``channels`` per stride-2 level over images resized to ``image_size``; the
-    last feature map is pooled to ``pool`` x ``pool`` (so position and extent,
-    i.e. body size, survive) and read by an MLP of width ``hidden``. Training
-    augmentation: shift up to ``aug_shift`` of the side, blur with probability
-    ``aug_blur`` (no colour jitter: colours are traits).
-    """
-
-    image_size: int = 64
-    channels: tuple[int, ...] = (32, 64, 128)
-    pool: int = 4
-    hidden: int = 256
-    aug_shift: float = 0.04
-    aug_blur: float = 0.3
-
-
-@dataclass(frozen=True)
 class SamplingConfig:
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 25
@@ -451,7 +432,10 @@ def load_params(path: str | Path = "params.yaml", *, preset_name: str | None = N
 
 # Sections of params.yaml that belong to pipeline stages (training, evaluation,
 # serving) rather than the model; pipelines/ validates them itself.
-PIPELINE_SECTIONS: tuple[str, ...] = ("ray",)  # pipelines/ray_train.py: RaySection
+PIPELINE_SECTIONS: tuple[str, ...] = (  # each validated where it is read:
+    "ray",  # pipelines/ray_train.py: RaySection
+    "register", "promote",  # pipelines/registry.py: RegisterSection, PromoteSection
+)
 
 
 # ----------------------------------------------------------------------------

@@ -89,7 +89,16 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print("# Pipeline sections (validated by pipelines/, not part of the model config).")
     print(yaml.safe_dump({"ray": dataclasses.asdict(RaySection())}, sort_keys=False), end="")
+    from pipelines.registry import default_sections
+
+    print(yaml.safe_dump(default_sections(), sort_keys=False), end="")
     return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipelines.registry import cmd_promote as run
+
+    return run(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -163,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.set_defaults(func=cmd_generate)
+
+    from pipelines.registry import add_promote_args
+
+    pr = sub.add_parser("promote", help="MLflow registry gate: move alias champion to challenger if better; rollback")
+    add_promote_args(pr)
+    pr.set_defaults(func=cmd_promote)
     return p
 
 

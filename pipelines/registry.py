@@ -1,0 +1,630 @@
+"""MLflow registry adapter: register each new model as ``challenger``, promote it to ``champion`` by a rule.
+
+The registered model (``register.model_name``, default ``g2pdiffusion``) is an
+MLflow pyfunc (:mod:`pipelines.g2p_pyfunc`, logged as a *model from code*, so
+no pickle) whose artifacts are the generator folder (tokenizer, conditioner,
+VAE, UNet + LoRA, aligner, scheduler/sampling config: safetensors + json), the
+judge folder (optional: absent -> scores are None and the model's info says
+``judge: absent``) and the evaluation's ``metrics.json``. It has a signature
+and an input example (one barcode, one image, two steps).
+
+Code: the ``g2p`` package (pure Python, ~0.3 MB) is bundled as ``code_paths``
+(``register.bundle_code``), so ``mlflow.pyfunc.load_model`` works from another
+checkout or with none, given the pinned ``requirements.txt`` the model
+carries. MLflow *prepends* the bundled copy to ``sys.path`` at load time: in a
+process that has already imported ``g2p`` (this repo's tests, the servers)
+that imported ``g2p`` is used, and ``info["g2p_sha256"]`` (a hash of the
+bundled sources) lets one check both are the same.
+
+Lifecycle (aliases, not the deprecated stages):
+
+1. ``register`` (the last DVC stage): a nested ``register`` run under the
+   pipeline's parent run logs the model, every scalar of ``metrics.json`` as a
+   run metric (``@`` -> ``_at_``: MLflow names allow no ``@``) and the json as
+   an artifact; the new version gets the lineage tags (git commit, ``data.dvc``
+   md5, params hash, GX summary), the evaluation hash and the promotion
+   metrics with their intervals as tags, and the alias ``challenger``. With
+   ``register.auto_promote`` it then runs the gate (2) and writes
+   ``reports/promotion.json``.
+2. ``g2p promote``: compares ``challenger`` with ``champion`` on
+   ``promote.metrics`` (higher is better) by ``promote.rule``; both must have
+   been evaluated on the same set (``eval_config_hash``) or the gate refuses.
+   The first model becomes champion. The decision, each metric's values with
+   intervals, and the rule go to the challenger's tags and description.
+   ``--force`` promotes regardless; ``--to-version N`` moves ``champion`` to N
+   (rollback); both record who and why.
+
+Rules (every metric must pass; ``d = promote.min_delta``, may be negative as
+a tolerance): ``not_worse_ci``: challenger >= champion's lower 95% bound + d;
+``not_worse_point``: challenger >= champion + d; ``strictly_better``:
+challenger > champion + d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from g2p.config import ConfigError, _build
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PYFUNC_FILE = Path(__file__).with_name("g2p_pyfunc.py")
+RUNTIME_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas",
+                    "pyarrow", "pillow", "pyyaml", "tqdm", "mlflow")
+Rule = Literal["not_worse_ci", "not_worse_point", "strictly_better"]
+
+
+# ----------------------------------------------------------------------------
+# params sections
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisterSection:
+    """The ``register`` key of ``params.yaml``: what the ``register`` stage bundles and registers."""
+
+    model_name: str = "g2pdiffusion"
+    generator_dir: str = "models/g2pdiffusion"
+    judge_dir: str = "models/judge"
+    metrics_path: str = "reports/metrics.json"
+    auto_promote: bool = True
+    bundle_code: bool = True
+    example_steps: int = 2
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.model_name):
+            raise ConfigError(f"register.model_name: {self.model_name!r} must be letters, digits, '_', '.', '-'")
+        for key in ("generator_dir", "metrics_path"):
+            if not getattr(self, key):
+                raise ConfigError(f"register.{key}: must not be empty")
+        if self.example_steps < 1:
+            raise ConfigError(f"register.example_steps: {self.example_steps!r} must be at least 1")
+
+
+@dataclass(frozen=True)
+class PromoteSection:
+    """The ``promote`` key: which metrics (paths into ``metrics.json``, higher = better) and which rule."""
+
+    metrics: tuple[str, ...] = ("seen.g2pdiffusion.success@10", "unseen.g2pdiffusion.success@10")
+    rule: Rule = "not_worse_ci"
+    min_delta: float = 0.0
+    require_same_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ConfigError("promote.metrics: at least one metric is needed")
+        for i, m in enumerate(self.metrics):
+            if not m or m.startswith(".") or m.endswith(".") or ".." in m:
+                raise ConfigError(f"promote.metrics[{i}]: {m!r} is not a dotted path like seen.g2pdiffusion.success@10")
+        if not math.isfinite(self.min_delta):
+            raise ConfigError(f"promote.min_delta: {self.min_delta!r} must be finite")
+
+
+def load_sections(path: str | Path = "params.yaml") -> tuple[RegisterSection, PromoteSection]:
+    """Both sections, strictly (unknown keys and wrong types name ``register.<key>`` / ``promote.<key>``)."""
+    import yaml
+
+    p = Path(path)
+    raw = (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
+    return _build(RegisterSection, raw.get("register") or {}, "register"), \
+        _build(PromoteSection, raw.get("promote") or {}, "promote")
+
+
+def default_sections() -> dict[str, Any]:
+    """``{"register": {...}, "promote": {...}}`` with their defaults, as plain YAML-able values (config dump)."""
+    from g2p.config import _to_plain
+
+    return {"register": _to_plain(RegisterSection()), "promote": _to_plain(PromoteSection())}
+
+
+# ----------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------
+
+
+def metric_key(name: str) -> str:
+    """A ``metrics.json`` path -> an MLflow metric/tag name (``@`` is not allowed there)."""
+    return re.sub(r"[^/\w.\- :]", "_", name.replace("@", "_at_"))
+
+
+def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every finite numeric scalar of a nested dict, keyed by its dotted path (booleans and strings left out)."""
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_metrics(v, f"{path}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[path] = float(v)
+    return out
+
+
+@dataclass
+class MetricCheck:
+    """One metric of the gate: both versions' point estimates and 95% intervals, and the verdict."""
+
+    metric: str
+    challenger: float
+    challenger_low: float | None
+    challenger_high: float | None
+    champion: float | None = None
+    champion_low: float | None = None
+    champion_high: float | None = None
+    reference: float | None = None  # what the challenger had to reach
+    op: str = ">="  # how it had to reach it (">" for strictly_better)
+    passed: bool | None = None
+
+    def text(self) -> str:
+        def ci(v: float | None, lo: float | None, hi: float | None) -> str:
+            if v is None:
+                return "-"
+            return f"{v:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
+
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
+        ref = f" (needs {self.op} {self.reference:.4f})" if self.reference is not None else ""
+        return (f"{self.metric}: challenger {ci(self.challenger, self.challenger_low, self.challenger_high)}"
+                f" vs champion {ci(self.champion, self.champion_low, self.champion_high)}{ref}: {verdict}")
+
+
+@dataclass
+class Decision:
+    """What the gate (or a person) did and why; recorded on the model version and printed."""
+
+    action: Literal["promoted", "kept", "refused", "first", "forced", "rollback", "unchanged"]
+    promote: bool
+    reason: str
+    model_name: str
+    version: str  # the version the decision is about (challenger, or the rollback target)
+    champion_before: str | None
+    rule: str = ""
+    min_delta: float = 0.0
+    checks: list[MetricCheck] = field(default_factory=list)
+    eval_config_hash: dict[str, str | None] = field(default_factory=dict)
+    by: str = ""
+    at: str = ""
+    dry_run: bool = False
+
+    @property
+    def champion_after(self) -> str | None:
+        return self.version if self.promote else self.champion_before
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["champion_after"] = self.champion_after
+        return d
+
+    def text(self) -> str:
+        head = (f"{self.model_name} v{self.version}: {self.action.upper()}"
+                f"{' (dry run, nothing changed)' if self.dry_run else ''} -- {self.reason}")
+        lines = [head, f"champion: {self.champion_before or '(none)'} -> {self.champion_after or '(none)'}"]
+        if self.rule:
+            lines.append(f"rule: {self.rule}, min_delta {self.min_delta:g}")
+        lines += [f"  {c.text()}" for c in self.checks]
+        if self.by:
+            lines.append(f"by {self.by} at {self.at}")
+        return "\n".join(lines)
+
+
+def _get(flat: Mapping[str, float], name: str, version: str) -> float:
+    key = metric_key(name)
+    if key not in flat:
+        raise ValueError(f"promote.metrics: {name!r} not found in the metrics of version {version} "
+                         f"(has e.g. {sorted(flat)[:5]})")
+    return flat[key]
+
+
+def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion: str | None,
+           champ: Mapping[str, float] | None, section: PromoteSection, *, chal_hash: str | None = None,
+           champ_hash: str | None = None, force: bool = False) -> Decision:
+    """The promotion rule on two versions' flattened metrics (keys as :func:`metric_key` makes them).
+
+    Pure: no MLflow. ``champ`` None = there is no champion yet (the first model
+    becomes champion). ``force`` promotes whatever the metrics say, but the
+    checks are still computed and recorded.
+    """
+    hashes = {"challenger": chal_hash, "champion": champ_hash}
+    common = dict(model_name=model_name, version=challenger, champion_before=champion, rule=section.rule,
+                  min_delta=section.min_delta, eval_config_hash=hashes)
+    checks = [MetricCheck(m, _get(chal, m, challenger), chal.get(metric_key(m + "_low")),
+                          chal.get(metric_key(m + "_high"))) for m in section.metrics]
+    if champion is None or champ is None:
+        return Decision("first", True, "no champion yet: the first model becomes champion", checks=checks, **common)
+    if champion == challenger:
+        return Decision("unchanged", False, f"version {challenger} is already champion", checks=checks, **common)
+    for c in checks:
+        c.champion = _get(champ, c.metric, champion)
+        c.champion_low = champ.get(metric_key(c.metric + "_low"))
+        c.champion_high = champ.get(metric_key(c.metric + "_high"))
+        if section.rule == "not_worse_ci":
+            if c.champion_low is None:
+                raise ValueError(f"promote.rule: not_worse_ci needs {c.metric + '_low'!r} in the metrics of "
+                                 f"version {champion}; use not_worse_point or add intervals")
+            c.reference = c.champion_low + section.min_delta
+            c.passed = c.challenger >= c.reference
+        elif section.rule == "not_worse_point":
+            c.reference = c.champion + section.min_delta
+            c.passed = c.challenger >= c.reference
+        else:  # strictly_better
+            c.reference, c.op = c.champion + section.min_delta, ">"
+            c.passed = c.challenger > c.reference
+    same_eval = chal_hash is not None and chal_hash == champ_hash
+    if section.require_same_eval and not same_eval:
+        why = (f"evaluated on different sets: eval_config_hash {str(chal_hash)[:12]} (challenger) vs "
+               f"{str(champ_hash)[:12]} (champion); re-evaluate both on one set, or --force")
+        if force:
+            return Decision("forced", True, f"forced by a person although {why}", checks=checks, **common)
+        return Decision("refused", False, why, checks=checks, **common)
+    failed = [c.metric for c in checks if not c.passed]
+    if force:
+        why = f"forced by a person ({'rule passed' if not failed else 'rule failed on ' + ', '.join(failed)})"
+        return Decision("forced", True, why, checks=checks, **common)
+    if failed:
+        return Decision("kept", False, f"{section.rule} failed on {', '.join(failed)}", checks=checks, **common)
+    return Decision("promoted", True, f"{section.rule} passed on every metric", checks=checks, **common)
+
+
+# ----------------------------------------------------------------------------
+# MLflow side
+# ----------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str | None = None):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def resolve_alias(name: str, alias: str, tracking_uri: str | None = None) -> str:
+    """The version number (as a string) that ``name@alias`` points at; ValueError if none."""
+    mv = _version_by_alias(_client(tracking_uri), name, alias)
+    if mv is None:
+        raise ValueError(f"alias: no version of model {name!r} has alias {alias!r}")
+    return str(mv.version)
+
+
+def load_registered(uri: str = "models:/g2pdiffusion@champion", tracking_uri: str | None = None) -> Any:
+    """``mlflow.pyfunc.load_model(uri).unwrap_python_model()`` with ``info["model_version"]`` filled in.
+
+    The object has ``.generator``, ``.judge`` (or None), ``.info`` and ``.predict(context, df)``.
+    """
+    import mlflow
+
+    client = _client(tracking_uri)
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    version = None
+    if m and m.group(2):
+        version = resolve_alias(m.group(1), m.group(2), tracking_uri)
+    elif m:
+        version = m.group(3)
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    model.info["model_uri"] = uri
+    if version is not None:
+        model.info["model_version"] = version
+        model.info["model_name"] = m.group(1)
+        client.get_model_version(m.group(1), version)  # exists (load_model succeeded), cheap sanity check
+    return model
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _bundle_g2p(dest: Path) -> tuple[Path, str]:
+    """A copy of the ``g2p`` package's sources (no caches) under ``dest``; and their sha256."""
+    import g2p
+
+    src = Path(g2p.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(src.rglob("*.py")):
+        rel = f.relative_to(src)
+        if "__pycache__" in rel.parts:
+            continue
+        h.update(str(rel).encode() + b"\0" + f.read_bytes())
+        (dest / "g2p" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / "g2p" / rel)
+    return dest / "g2p", h.hexdigest()
+
+
+def _signature_and_example(example_barcode: str, steps: int) -> tuple[Any, Any]:
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "barcode"), ColSpec("double", "latitude", required=False),
+        ColSpec("double", "longitude", required=False), ColSpec("long", "num_images", required=False),
+        ColSpec("long", "steps", required=False), ColSpec("double", "guidance_scale", required=False),
+        ColSpec("double", "cfg_scale", required=False), ColSpec("long", "seed", required=False),
+    ])
+    outputs = Schema([
+        ColSpec("long", "row"), ColSpec("long", "sample"), ColSpec("string", "barcode"), ColSpec("long", "seed"),
+        ColSpec("binary", "image"), ColSpec("double", "score", required=False),
+    ])
+    example = pd.DataFrame([{"barcode": example_barcode, "latitude": 45.5, "longitude": -73.6, "num_images": 1,
+                             "steps": steps, "guidance_scale": 1.0, "cfg_scale": 3.0, "seed": 0}])
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def example_barcode(length: int = 658, seed: int = 0) -> str:
+    """A fixed COI-length DNA string for the input example (any A/C/G/T barcode is valid input)."""
+    import random
+
+    rng = random.Random(seed)
+    return "".join(rng.choice("ACGT") for _ in range(length))
+
+
+def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: Mapping[str, float],
+                  promote: PromoteSection, info: Mapping[str, Any], run_id: str) -> dict[str, str]:
+    tags = {k: v for k, v in lineage.items() if not k.startswith("mlflow.") and not re.match(r"params\.\w+\.sha", k)}
+    tags["eval_config_hash"] = str(metrics.get("eval_config_hash", ""))
+    tags["judge"] = str(info.get("judge"))
+    tags["g2p.run_id"] = run_id
+    tags["g2p.g2p_sha256"] = str(info.get("g2p_sha256"))
+    for m in promote.metrics:
+        for suffix in ("", "_low", "_high"):
+            if m + suffix in flat:
+                tags[f"metric.{metric_key(m + suffix)}"] = repr(flat[m + suffix])
+    if "threshold" in flat:
+        tags["metric.threshold"] = repr(flat["threshold"])
+    return tags
+
+
+def register(section: RegisterSection, promote_section: PromoteSection, *, root: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Log + register the generator/judge/metrics as a new version with alias ``challenger``.
+
+    Paths in ``section`` are relative to ``root`` (default: this repository);
+    the store is ``tracking.tracking_uri(root)`` (``MLFLOW_TRACKING_URI``, else
+    ``<root>/mlflow.db``). Runs as the nested ``register`` run of the
+    pipeline's parent run; returns
+    ``{"model_name", "version", "run_id", "model_uri", "info"}``.
+    """
+    import mlflow
+
+    from pipelines import tracking
+
+    root = Path(root or tracking.repo_root())
+    gen_dir, judge_dir = root / section.generator_dir, root / section.judge_dir
+    metrics_path = root / section.metrics_path
+    if not (gen_dir / "config.json").exists():
+        raise FileNotFoundError(f"register.generator_dir: {str(gen_dir)!r} holds no generator (config.json)")
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"register.metrics_path: {str(metrics_path)!r} not found (run the evaluate stage)")
+    metrics = json.loads(metrics_path.read_text())
+    flat = flatten_metrics(metrics)
+    for m in promote_section.metrics:  # fail before logging anything
+        _get({metric_key(k): v for k, v in flat.items()}, m, "being registered")
+    uri = tracking.tracking_uri(root)
+    client = _client(uri)
+    lineage = tracking.lineage_tags(root)
+    has_judge = (judge_dir / "config.json").exists() or (judge_dir.is_dir() and any(judge_dir.glob("*.safetensors")))
+    with tempfile.TemporaryDirectory() as tmp:
+        code_paths, g2p_sha = None, None
+        if section.bundle_code:
+            pkg, g2p_sha = _bundle_g2p(Path(tmp) / "code")
+            code_paths = [str(pkg)]
+        info = {
+            "model_name": section.model_name, "model_version": None,
+            "git_commit": lineage.get("git.commit"), "git_dirty": lineage.get("git.dirty"),
+            "data_version": lineage.get("data.md5"), "params_hash": lineage.get("params.sha256"),
+            "eval_config_hash": metrics.get("eval_config_hash"), "judge": "bundled" if has_judge else "absent",
+            "g2p_sha256": g2p_sha,
+            "gx": {k[3:]: v for k, v in lineage.items() if k.startswith("gx.")},
+        }
+        artifacts = {"generator": str(gen_dir), "metrics": str(metrics_path)}
+        if has_judge:
+            artifacts["judge"] = str(judge_dir)
+        signature, example = _signature_and_example(example_barcode(), section.example_steps)
+        cfg = {"register": asdict(section), "promote": asdict(promote_section)}
+        with tracking.start_stage_run("register", cfg, root, log_system_metrics=False) as run:
+            run_id = run.info.run_id
+            from mlflow.entities import Metric
+
+            now = int(_dt.datetime.now().timestamp() * 1000)
+            items = [Metric(metric_key(k), v, now, 0) for k, v in flat.items()]
+            for i in range(0, len(items), 1000):
+                client.log_batch(run_id, metrics=items[i:i + 1000])
+            client.log_artifact(run_id, str(metrics_path), "evaluation")
+            if progress:
+                print(f"register: logging {section.model_name} from {gen_dir} (judge: {info['judge']})", flush=True)
+            model_info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=code_paths,
+                signature=signature, input_example=example, model_config=info,
+                pip_requirements=_pip_requirements(), registered_model_name=section.model_name)
+            version = str(model_info.registered_model_version)
+            client.set_registered_model_alias(section.model_name, CHALLENGER, version)
+            for k, v in _version_tags(lineage, metrics, flat, promote_section, info, run_id).items():
+                client.set_model_version_tag(section.model_name, version, k, v)
+            desc = (f"Registered by the `register` stage from git {str(info['git_commit'])[:12]}"
+                    f"{' (dirty)' if info['git_dirty'] == 'true' else ''}, data {info['data_version']}, "
+                    f"params {str(info['params_hash'])[:12]}; judge {info['judge']}; "
+                    f"eval_config_hash {str(info['eval_config_hash'])[:12]}.")
+            client.update_model_version(section.model_name, version, description=desc)
+            mlflow.set_tag("g2p.registered_version", version)
+    if progress:
+        print(f"register: {section.model_name} version {version} -> alias {CHALLENGER}", flush=True)
+    return {"model_name": section.model_name, "version": version, "run_id": run_id,
+            "model_uri": f"models:/{section.model_name}/{version}", "info": info}
+
+
+def _version_metrics(client: Any, mv: Any) -> dict[str, float]:
+    """A version's metrics: those of the run that registered it (all of metrics.json), else its metric.* tags."""
+    flat: dict[str, float] = {}
+    if mv.run_id:
+        flat.update(client.get_run(mv.run_id).data.metrics)
+    for k, v in (mv.tags or {}).items():
+        if k.startswith("metric.") and k[7:] not in flat:
+            try:
+                flat[k[7:]] = float(v)
+            except ValueError:
+                continue
+    return flat
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("G2P_USER") or getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def _record(client: Any, d: Decision, reason_by_person: str | None = None) -> None:
+    """Decision -> tags and a description paragraph on the version it is about."""
+    tags = {"promotion.decision": d.action, "promotion.reason": d.reason[:4000], "promotion.at": d.at,
+            "promotion.by": d.by, "promotion.champion_before": str(d.champion_before),
+            "promotion.champion_after": str(d.champion_after)}
+    if d.rule:
+        tags.update({"promotion.rule": d.rule, "promotion.min_delta": repr(d.min_delta)})
+    if reason_by_person:
+        tags["promotion.note"] = reason_by_person[:4000]
+    for c in d.checks:
+        tags[f"promotion.{metric_key(c.metric)}"] = c.text()[:4000]
+    for k, v in tags.items():
+        client.set_model_version_tag(d.model_name, d.version, k, v)
+    old = client.get_model_version(d.model_name, d.version).description or ""
+    text = d.text() + (f"\nnote: {reason_by_person}" if reason_by_person else "")
+    client.update_model_version(d.model_name, d.version, description=(old + "\n\n" if old else "") + text)
+
+
+def promote(name: str = "g2pdiffusion", section: PromoteSection | None = None, *, force: bool = False,
+            to_version: str | int | None = None, dry_run: bool = False, note: str | None = None,
+            tracking_uri: str | None = None) -> Decision:
+    """The gate: move ``champion`` to ``challenger`` if the rule says so (or ``force``); or roll back to a version."""
+    section = section or PromoteSection()
+    client = _client(tracking_uri)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    champion = _version_by_alias(client, name, CHAMPION)
+    champ_v = str(champion.version) if champion else None
+    if to_version is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            target = client.get_model_version(name, str(to_version))
+        except MlflowException:
+            raise ValueError(f"--to-version: model {name!r} has no version {to_version!r}") from None
+        action = "unchanged" if champ_v == str(target.version) else "rollback"
+        d = Decision(action, action == "rollback",
+                     f"champion moved to version {target.version} by a person (was {champ_v})" if action == "rollback"
+                     else f"version {target.version} is already champion",
+                     name, str(target.version), champ_v, by=_who(), at=now, dry_run=dry_run,
+                     eval_config_hash={"target": (target.tags or {}).get("eval_config_hash")})
+    else:
+        chal = _version_by_alias(client, name, CHALLENGER)
+        if chal is None:
+            raise ValueError(f"alias: model {name!r} has no {CHALLENGER!r} version; register one first "
+                             f"(dvc repro, or python -m pipelines.registry register)")
+        d = decide(name, str(chal.version), _version_metrics(client, chal), champ_v,
+                   _version_metrics(client, champion) if champion else None, section,
+                   chal_hash=(chal.tags or {}).get("eval_config_hash"),
+                   champ_hash=(champion.tags or {}).get("eval_config_hash") if champion else None, force=force)
+        d.by, d.at, d.dry_run = _who(), now, dry_run
+    if not dry_run and d.action != "unchanged":
+        if d.promote:
+            client.set_registered_model_alias(name, CHAMPION, d.version)
+        _record(client, d, note)
+    return d
+
+
+# ----------------------------------------------------------------------------
+# command lines: `python -m pipelines.registry register` (the DVC stage), `g2p promote`
+# ----------------------------------------------------------------------------
+
+
+def write_decision(d: Decision, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(d.to_dict(), indent=2) + "\n")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """``g2p promote``: print the decision; exit 0 whether promoted or kept (a refusal is a decision too)."""
+    _, section = load_sections(args.params)
+    name = args.name or load_sections(args.params)[0].model_name
+    d = promote(name, section,
+                force=args.force, to_version=args.to_version, dry_run=args.dry_run, note=args.reason)
+    print(d.text())
+    if args.out:
+        write_decision(d, args.out)
+    return 0
+
+
+def add_promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=None, help="registered model (default: register.model_name of params.yaml)")
+    p.add_argument("--params", default="params.yaml", help="params file with the promote section")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--force", action="store_true", help="promote the challenger whatever the rule says")
+    g.add_argument("--to-version", default=None, help="move champion to this version (rollback)")
+    p.add_argument("--dry-run", action="store_true", help="decide and print, change nothing")
+    p.add_argument("--reason", default=None, help="why (recorded on the version; use it with --force/--to-version)")
+    p.add_argument("--out", default=None, help="also write the decision as JSON here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.registry", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("register", help="the DVC register stage: register + alias challenger (+ gate)")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--out", default="reports/promotion.json", help="the gate's decision (JSON)")
+    r.add_argument("--root", default=".", help="repository root the register paths are relative to")
+    add_promote_args(sub.add_parser("promote", help="the promotion gate (same as g2p promote)"))
+    a = p.parse_args(argv)
+    try:
+        if a.command == "promote":
+            return cmd_promote(a)
+        from pipelines.tracking import tracking_uri
+
+        reg, prom = load_sections(a.params)
+        result = register(reg, prom, root=a.root)
+        if reg.auto_promote:
+            d = promote(reg.model_name, prom, tracking_uri=tracking_uri(a.root))
+            print(d.text())
+            out = {**d.to_dict(), "registered": {k: v for k, v in result.items() if k != "info"}}
+        else:
+            out = {"action": "registered", "promote": False, "registered": {k: v for k, v in result.items()
+                                                                            if k != "info"}}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+        return 0
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

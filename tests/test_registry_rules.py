@@ -1,0 +1,100 @@
+"""The promotion rule on hand-made metrics (no MLflow): pure decisions, params validation, flattening."""
+
+from __future__ import annotations
+
+import pytest
+
+from g2p.config import ConfigError
+from pipelines.registry import PromoteSection, RegisterSection, decide, flatten_metrics, load_sections, metric_key
+
+M = ("seen.g2pdiffusion.success@10", "unseen.g2pdiffusion.success@10")
+
+
+def flat(seen: float, unseen: float, half: float = 0.05) -> dict[str, float]:
+    raw = {"seen": {"g2pdiffusion": {"success@10": seen, "success@10_low": seen - half,
+                                     "success@10_high": seen + half}},
+           "unseen": {"g2pdiffusion": {"success@10": unseen, "success@10_low": unseen - half,
+                                       "success@10_high": unseen + half}}}
+    return {metric_key(k): v for k, v in flatten_metrics(raw).items()}
+
+
+def run(chal: dict, champ: dict | None, rule: str = "not_worse_ci", *, min_delta: float = 0.0, force: bool = False,
+        chal_hash: str = "h", champ_hash: str = "h", **kw):
+    section = PromoteSection(metrics=M, rule=rule, min_delta=min_delta, **kw)
+    return decide("g2pdiffusion", "2", chal, "1" if champ is not None else None, champ, section,
+                  chal_hash=chal_hash, champ_hash=champ_hash, force=force)
+
+
+def test_first_model_becomes_champion() -> None:
+    d = run(flat(0.1, 0.0), None)
+    assert d.action == "first" and d.promote and d.champion_after == "2"
+
+
+def test_not_worse_ci_accepts_within_the_champions_interval_and_rejects_below() -> None:
+    champ = flat(0.50, 0.20)  # lower bounds 0.45 / 0.15
+    assert run(flat(0.46, 0.16), champ).action == "promoted"  # worse point estimates, inside the intervals
+    d = run(flat(0.46, 0.14), champ)
+    assert (d.action, d.promote) == ("kept", False)
+    assert [c.passed for c in d.checks] == [True, False]
+    assert "unseen.g2pdiffusion.success@10" in d.reason
+    assert d.checks[1].reference == pytest.approx(0.15) and d.checks[1].champion_low == pytest.approx(0.15)
+
+
+def test_point_and_strict_rules_and_min_delta() -> None:
+    champ = flat(0.50, 0.20)
+    assert run(flat(0.50, 0.20), champ, "not_worse_point").promote
+    assert not run(flat(0.49, 0.20), champ, "not_worse_point").promote
+    assert run(flat(0.49, 0.20), champ, "not_worse_point", min_delta=-0.02).promote  # a tolerance
+    assert not run(flat(0.50, 0.20), champ, "strictly_better").promote  # a tie is not better
+    assert run(flat(0.51, 0.21), champ, "strictly_better").promote
+    assert not run(flat(0.51, 0.21), champ, "strictly_better", min_delta=0.05).promote  # a required gain
+    assert not run(flat(0.46, 0.16), champ, min_delta=0.02).promote  # ci rule with margin: needs 0.47 / 0.17
+
+
+def test_different_evaluation_sets_are_refused_unless_forced() -> None:
+    champ = flat(0.1, 0.1)
+    d = run(flat(0.9, 0.9), champ, chal_hash="aaa", champ_hash="bbb")
+    assert (d.action, d.promote) == ("refused", False) and "eval_config_hash" in d.reason
+    assert run(flat(0.9, 0.9), champ, chal_hash="aaa", champ_hash="bbb", require_same_eval=False).promote
+    assert run(flat(0.9, 0.9), champ, chal_hash=None, champ_hash=None).action == "refused"  # unknown != same
+    f = run(flat(0.0, 0.0), champ, chal_hash="aaa", champ_hash="bbb", force=True)
+    assert (f.action, f.promote) == ("forced", True) and "different sets" in f.reason
+
+
+def test_force_promotes_a_worse_model_and_says_the_rule_failed() -> None:
+    d = run(flat(0.0, 0.0), flat(0.5, 0.5), force=True)
+    assert (d.action, d.promote) == ("forced", True) and "rule failed" in d.reason
+    assert "FORCED" in d.text() and "FAIL" in d.text()
+
+
+def test_missing_metric_or_interval_names_it() -> None:
+    with pytest.raises(ValueError, match="seen.g2pdiffusion.success@10.*not found"):
+        run({}, None)
+    no_ci = {k: v for k, v in flat(0.5, 0.5).items() if not k.endswith(("_low", "_high"))}
+    with pytest.raises(ValueError, match="not_worse_ci needs 'seen.g2pdiffusion.success@10_low'"):
+        run(flat(0.5, 0.5), no_ci)
+    assert run(flat(0.5, 0.5), no_ci, "not_worse_point").promote
+
+
+def test_flatten_and_metric_keys() -> None:
+    f = flatten_metrics({"a": {"b@1": 1, "ok": True, "s": "x", "nan": float("nan")}, "eval_config_hash": "h",
+                         "threshold": 0.25})
+    assert f == {"a.b@1": 1.0, "threshold": 0.25}
+    assert metric_key("seen.g2pdiffusion.success@10_low") == "seen.g2pdiffusion.success_at_10_low"
+
+
+def test_sections_are_strict(tmp_path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text("promote:\n  rule: better\n")
+    with pytest.raises(ConfigError, match="promote.rule: 'better' is not one of"):
+        load_sections(p)
+    p.write_text("register:\n  modelname: x\n")
+    with pytest.raises(ConfigError, match="unknown key register.modelname"):
+        load_sections(p)
+    with pytest.raises(ConfigError, match="register.model_name"):
+        RegisterSection(model_name="bad name!")
+    with pytest.raises(ConfigError, match=r"promote.metrics\[0\]"):
+        PromoteSection(metrics=("seen..x",))
+    p.write_text("register:\n  auto_promote: false\npromote:\n  metrics: [seen.g2pdiffusion.success@1]\n")
+    reg, prom = load_sections(p)
+    assert reg.auto_promote is False and prom.metrics == ("seen.g2pdiffusion.success@1",)
