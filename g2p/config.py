@@ -221,6 +221,25 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class TraitReaderConfig:
+    """The trait reader (``g2p.trait_reader``): a CNN regressing a synthetic image's species traits.
+
+    ``channels`` per stride-2 level over images resized to ``image_size``; the
+    last feature map is pooled to ``pool`` x ``pool`` (so position and extent,
+    i.e. body size, survive) and read by an MLP of width ``hidden``. Training
+    augmentation: shift up to ``aug_shift`` of the side, blur with probability
+    ``aug_blur`` (no colour jitter: colours are traits).
+    """
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128)
+    pool: int = 4
+    hidden: int = 256
+    aug_shift: float = 0.04
+    aug_blur: float = 0.3
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 25
@@ -252,6 +271,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` stage (``pipelines/evaluate.py``): Tables 1-2, Figure 4, section 4.4.
+
+    ``barcodes_per_species`` test records per species are evaluated (0: every
+    test record); each generated row draws ``num_samples`` images per barcode
+    (the largest k) and best-of-k is read for each k in ``ks`` from the same
+    samples. The default fits the stage in ~8 minutes on 2 CPU cores; the
+    paper's full tables: ``barcodes_per_species: 0``, ``num_samples: 100``,
+    ``ks: [1, 5, 10, 20, 50, 100]`` (the ``paper`` preset). The success
+    threshold comes from ``threshold_pairs`` training records (0: all).
+    ``batch_barcodes`` barcodes go through the sampler at once (chunk c uses
+    seed ``seed + c`` in both generated rows). Variation: ``vary_barcodes``
+    seen barcodes x ``vary_samples`` images per mutation rate and latitude.
+    """
+
+    barcodes_per_species: int = 1
+    num_samples: int = 10
+    ks: tuple[int, ...] = (1, 5, 10)
+    bootstrap_reps: int = 1000
+    seed: int = 0
+    threshold_pairs: int = 0
+    batch_barcodes: int = 6
+    vary_barcodes: int = 4
+    vary_samples: int = 2
+    mutation_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    latitudes: tuple[float, ...] = (-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0)
+
+
+@dataclass(frozen=True)
 class G2PConfig:
     """The root: its fields are the top-level keys of ``params.yaml``."""
 
@@ -278,6 +326,7 @@ class G2PConfig:
     train_trait_reader: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=64, lr=2e-3,
                                                                                 weight_decay=0.01, log_every=20,
                                                                                 checkpoint_every=300))
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     # -- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +393,8 @@ def _tiny() -> G2PConfig:
         trait_reader=TraitReaderConfig(image_size=32, channels=(8, 16), pool=2, hidden=32),
         train_trait_reader=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
                                        checkpoint_every=10),
+        evaluate=EvaluateConfig(num_samples=2, ks=(1, 2), bootstrap_reps=50, threshold_pairs=0, batch_barcodes=4,
+                                vary_barcodes=1, vary_samples=1, mutation_rates=(0.0, 0.5), latitudes=(0.0, 60.0)),
     )
 
 
@@ -385,6 +436,8 @@ def _paper() -> G2PConfig:
         train_judge=TrainConfig(steps=20_000, batch_size=128, lr=1e-4, warmup_steps=500),
         trait_reader=TraitReaderConfig(image_size=128, channels=(32, 64, 128, 256)),
         train_trait_reader=TrainConfig(steps=5_000, batch_size=128, lr=1e-3, warmup_steps=200),
+        evaluate=EvaluateConfig(barcodes_per_species=0, num_samples=100, ks=(1, 5, 10, 20, 50, 100),
+                                batch_barcodes=1, vary_barcodes=10, vary_samples=4),
     )
 
 

@@ -1,0 +1,151 @@
+"""The evaluate stage end to end on a tiny synthetic root, an untrained tiny generator, judge and trait reader.
+
+Untrained models give meaningless numbers; this checks the stage's contract:
+the shape of ``metrics.json`` (every split, row and k), the invariants that
+hold whatever the models (ground truth at relative score 1, best-of-k never
+falling with k, intervals around their estimates), the report files, the
+DVC plots, and the nested MLflow run on a real sqlite store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from g2p.config import preset
+from g2p.data.layout import METADATA_RELPATH, TRUTH_RELPATH
+from g2p.evaluation import ROWS
+
+pytestmark = pytest.mark.integration
+
+CFG = preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from g2p.judge import Judge
+    from g2p.model import G2PDiffusion
+    from g2p.trait_reader import TraitReader
+    from pipelines.ray_train import load_data, save_arrays
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    root = tmp / "data"
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "synth", "--out", str(root), "--preset", "tiny",
+                    "--quiet"], check=True, capture_output=True)
+    meta = pd.read_csv(root / METADATA_RELPATH, dtype=str)
+    meta.to_parquet(tmp / "valid.parquet")  # stands in for the validate stage's output (same columns)
+    size = CFG.vae.image_size
+    save_arrays(load_data(root, ["train"], size), tmp / "train.safetensors")
+    save_arrays(load_data(root, ["test"], size), tmp / "test.safetensors")
+    torch.manual_seed(0)
+    model = G2PDiffusion(CFG)
+    model.add_lora()
+    model.save_pretrained(tmp / "g2pdiffusion")
+    Judge(CFG.judge).save_pretrained(tmp / "judge")
+    reader = TraitReader(CFG.trait_reader)
+    reader.save_pretrained(tmp / "trait_reader")
+    return {"tmp": tmp, "root": root}
+
+
+def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines import evaluate
+
+    tmp, root = setup["tmp"], setup["root"]
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("G2P_PIPELINE_RUN_ID", raising=False)
+    out = tmp / "reports"
+    t0 = time.time()
+    res = evaluate.run(model=str(tmp / "g2pdiffusion"), judge=str(tmp / "judge"),
+                       trait_reader=str(tmp / "trait_reader"), train=str(tmp / "train.safetensors"),
+                       test=str(tmp / "test.safetensors"), valid=str(tmp / "valid.parquet"), root=str(root),
+                       truth=str(root / TRUTH_RELPATH), params=str(tmp / "no-params.yaml"), out=str(out),
+                       progress=False)
+    assert time.time() - t0 < 60
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(res))
+    ecfg = CFG.evaluate
+    ks = sorted(ecfg.ks)
+    truth = pd.read_parquet(root / TRUTH_RELPATH)
+    for split, name in (("seen", "test"), ("unseen", "test_unseen")):
+        s = metrics[split]
+        n_species = truth.loc[truth["split"] == name, "species_id"].nunique()
+        assert s["num_species"] == n_species and s["num_barcodes"] == n_species  # one barcode per species
+        for row in ROWS:
+            m = s[row]
+            for k in ks:
+                for key in ("score", "relative_score", "success"):
+                    assert f"{key}@{k}" in m and f"{key}@{k}_low" in m and f"{key}@{k}_high" in m
+                assert m[f"success@{k}_low"] <= m[f"success@{k}"] <= m[f"success@{k}_high"]
+                assert -1.0 <= m[f"score@{k}"] <= 1.0
+            assert 0.0 <= m["species_accuracy_low"] <= m["species_accuracy"] <= m["species_accuracy_high"] <= 1.0
+            assert all(m[f"score@{a}"] <= m[f"score@{b}"] + 1e-9 for a, b in zip(ks, ks[1:]))
+        gt = s["ground_truth"]
+        assert all(gt[f"relative_score@{k}"] == pytest.approx(1.0) for k in ks)
+        assert all(gt[f"score@{k}"] == gt[f"score@{ks[0]}"] for k in ks)  # one image: the same at every k
+        assert 0.0 <= metrics["judge"][split]["species_accuracy"] <= 1.0
+        assert set(ROWS) <= set(metrics["traits"][split])
+        assert metrics["traits"][split]["g2pdiffusion"]["body_size"] >= 0.0
+    v = metrics["variation"]
+    assert len(v["score_by_rate"]) == len(ecfg.mutation_rates)
+    assert len(v["body_size_by_latitude"]) == len(ecfg.latitudes)
+    assert v["bergmann_truth"] == CFG.data.bergmann_coefficient and "bergmann_slope" in v
+    assert -1.0 < metrics["threshold"]["value"] < 1.0
+    assert len(metrics["eval_config_hash"]) == 64
+
+    report = (out / "report.md").read_text()
+    assert "Table 1: seen species" in report and "Table 2: unseen species" in report
+    for row in ROWS:
+        assert f"| {row} |" in report
+    for f in ("densities", "topk", "variation", "samples_seen", "samples_unseen", "vary_mutation", "vary_latitude"):
+        assert (out / "figures" / f"{f}.png").stat().st_size > 0
+        assert f"figures/{f}.png" in report
+    for f in ("densities", "topk", "mutation", "latitude"):
+        assert len((out / "plots" / f"{f}.csv").read_text().splitlines()) >= 2
+    assert pd.read_csv(out / "plots" / "topk.csv")["k"].tolist() == ks
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("g2p").experiment_id],
+                              filter_string="tags.`g2p.stage` = 'evaluate'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["mlflow.parentRunId"]
+    assert run.data.tags["g2p.eval_config_hash"] == metrics["eval_config_hash"]
+    assert run.data.metrics[f"seen.g2pdiffusion.success_at_{ks[0]}"] == pytest.approx(
+        metrics["seen"]["g2pdiffusion"][f"success@{ks[0]}"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert "reports/metrics.json" in names and "reports/report.md" in names
+
+
+def test_same_seed_same_metrics(setup) -> None:
+    """Generation, random draws and bootstrap are seeded: a second run gives the same numbers."""
+    from g2p.generate import Generator
+    from g2p.judge import Judge
+    from pipelines import evaluate
+
+    tmp, root = setup["tmp"], setup["root"]
+    gen = Generator.from_checkpoint(tmp / "g2pdiffusion")
+    judge = Judge.from_pretrained(tmp / "judge")
+    data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
+                                   CFG.vae.image_size)
+    ecfg = CFG.evaluate
+    a, _ = evaluate.evaluate(gen, judge, data, ecfg, progress=False)
+    b, _ = evaluate.evaluate(gen, judge, data, ecfg, progress=False)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert "traits" not in a and "bergmann_slope" not in a["variation"]  # no trait reader: no gold standard
+    assert evaluate.eval_config_hash(ecfg, data) == evaluate.eval_config_hash(ecfg, data)
+    with pytest.raises(ValueError, match="evaluate.ks"):
+        import dataclasses
+
+        evaluate.evaluate(gen, judge, data, dataclasses.replace(ecfg, ks=(1, 99)), progress=False)
