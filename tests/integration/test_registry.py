@@ -1,0 +1,178 @@
+"""The MLflow registry lifecycle on a real sqlite store: register, gate, force, rollback, load and predict.
+
+A throwaway repository in tmp_path (git, data.dvc, params.yaml) holds a tiny
+random-init generator, a tiny judge and hand-made ``reports/metrics.json``
+files; each registration logs a real pyfunc model from code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from g2p.config import JudgeConfig, preset
+from g2p.judge import Judge
+from g2p.model import G2PDiffusion
+from pipelines import registry
+from pipelines.registry import PromoteSection, RegisterSection
+
+pytestmark = pytest.mark.integration
+NAME = "g2pdiffusion"
+CFG = preset("tiny")
+BARCODE = "ACGT" * 160
+
+
+def write_metrics(root: Path, seen: float, unseen: float, eval_hash: str = "eval-a", half: float = 0.05) -> None:
+    def row(s: float) -> dict[str, float]:
+        return {"score@10": s / 2, "relative_score@10": s, "success@10": s, "success@10_low": s - half,
+                "success@10_high": s + half, "species_accuracy": s, "species_accuracy_low": s - half,
+                "species_accuracy_high": s + half}
+
+    metrics = {"seen": {"num_species": 2, "num_barcodes": 4, "g2pdiffusion": row(seen), "random": row(0.01)},
+               "unseen": {"num_species": 1, "num_barcodes": 2, "g2pdiffusion": row(unseen)},
+               "judge": {"seen": 0.9, "unseen": 0.5}, "threshold": 0.2, "eval_config_hash": eval_hash}
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    model = G2PDiffusion(CFG)
+    model.negative_bank = torch.randn(CFG.sampling.negative_bank_size, CFG.conditioner.hidden_size)
+    model.save_pretrained(root / "models" / "g2pdiffusion")
+    Judge(JudgeConfig(image_size=16, channels=(4, 8), embed_dim=8, dna_hidden_size=8, dna_heads=2,
+                      dna_intermediate_size=16)).save_pretrained(root / "models" / "judge")
+    (root / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  nfiles: 7\n  path: data\n")
+    (root / "params.yaml").write_text("register:\n  model_name: g2pdiffusion\n")
+    for cmd in (["init", "-q"], ["add", "data.dvc", "params.yaml"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"]):
+        subprocess.run(["git", "-C", str(root), *cmd], check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture()
+def store(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("G2P_PIPELINE_RUN_ID", raising=False)
+    monkeypatch.setenv("G2P_USER", "tester")
+    return uri
+
+
+def _register(repo: Path, seen: float, unseen: float, eval_hash: str = "eval-a") -> str:
+    write_metrics(repo, seen, unseen, eval_hash)
+    return registry.register(RegisterSection(), PromoteSection(), root=repo, progress=False)["version"]
+
+
+def _tags(uri: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri).get_model_version(NAME, version).tags
+
+
+def test_lifecycle_first_worse_better_refused_force_rollback(repo: Path, store: str, capsys) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    section = PromoteSection()  # not_worse_ci on seen/unseen success@10
+    v1 = _register(repo, 0.50, 0.20)
+    assert registry.resolve_alias(NAME, "challenger") == v1 == "1"
+    t = _tags(store, v1)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert t["git.commit"] == head.strip() and t["data.md5"] == "0123abcd.dir" and t["params.sha256"]
+    assert t["eval_config_hash"] == "eval-a" and t["judge"] == "bundled"
+    assert float(t["metric.seen.g2pdiffusion.success_at_10_low"]) == pytest.approx(0.45)
+    run = client.get_run(t["g2p.run_id"])
+    assert run.data.tags["mlflow.parentRunId"] and run.data.tags["g2p.stage"] == "register"
+    assert run.data.metrics["judge.unseen"] == 0.5  # every scalar of metrics.json
+    assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+
+    d = registry.promote(NAME, section)
+    assert (d.action, registry.resolve_alias(NAME, "champion")) == ("first", v1)
+
+    # worse beyond the champion's interval on unseen: kept, evidence recorded on the challenger
+    v2 = _register(repo, 0.52, 0.10)
+    dry = registry.promote(NAME, section, dry_run=True)
+    assert dry.action == "kept" and "promotion.decision" not in _tags(store, v2)
+    d = registry.promote(NAME, section)
+    assert (d.action, d.promote) == ("kept", False)
+    assert registry.resolve_alias(NAME, "champion") == v1 and registry.resolve_alias(NAME, "challenger") == v2
+    t2 = _tags(store, v2)
+    assert t2["promotion.decision"] == "kept" and t2["promotion.rule"] == "not_worse_ci"
+    assert "FAIL" in t2["promotion.unseen.g2pdiffusion.success_at_10"]
+    assert "0.1000 [0.0500, 0.1500] vs champion 0.2000 [0.1500, 0.2500]" in t2[
+        "promotion.unseen.g2pdiffusion.success_at_10"]
+    assert "KEPT" in client.get_model_version(NAME, v2).description
+
+    # within the champion's intervals: promoted
+    v3 = _register(repo, 0.47, 0.18)
+    d = registry.promote(NAME, section)
+    assert d.action == "promoted" and registry.resolve_alias(NAME, "champion") == v3
+    assert _tags(store, v3)["promotion.champion_before"] == v1
+
+    # evaluated on another set: refused however good, unless forced
+    v4 = _register(repo, 0.99, 0.99, eval_hash="eval-b")
+    d = registry.promote(NAME, section)
+    assert d.action == "refused" and "eval_config_hash" in d.reason
+    assert registry.resolve_alias(NAME, "champion") == v3
+
+    # the CLI: --force promotes and says so; --to-version rolls back and records who and why
+    from pipelines.cli import main
+
+    assert main(["promote", "--force", "--reason", "new eval set", "--params", str(repo / "params.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "FORCED" in out and f"champion: {v3} -> {v4}" in out
+    assert registry.resolve_alias(NAME, "champion") == v4
+    assert _tags(store, v4)["promotion.note"] == "new eval set"
+    assert main(["promote", "--to-version", v1, "--reason", "regression in prod",
+                 "--params", str(repo / "params.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "ROLLBACK" in out and f"champion: {v4} -> {v1}" in out
+    assert registry.resolve_alias(NAME, "champion") == v1
+    t1 = _tags(store, v1)
+    assert (t1["promotion.decision"], t1["promotion.by"], t1["promotion.champion_before"]) == ("rollback", "tester", v4)
+    assert main(["promote", "--to-version", "99", "--params", str(repo / "params.yaml")]) == 2
+    assert "no version '99'" in capsys.readouterr().err
+
+
+def test_stage_command_registers_gates_and_load_predicts(repo: Path, store: str, tmp_path: Path) -> None:
+    """``python -m pipelines.registry register`` (the DVC stage) then the champion loads and predicts."""
+    write_metrics(repo, 0.3, 0.1)
+    out = tmp_path / "promotion.json"
+    assert registry.main(["register", "--root", str(repo), "--params", str(repo / "params.yaml"),
+                          "--out", str(out)]) == 0
+    decision = json.loads(out.read_text())
+    assert decision["action"] == "first" and decision["champion_after"] == decision["registered"]["version"] == "1"
+
+    import mlflow
+
+    model = registry.load_registered(f"models:/{NAME}@champion")
+    assert model.info["model_version"] == "1" and model.info["judge"] == "bundled"
+    assert model.info["data_version"] == "0123abcd.dir" and len(model.info["git_commit"]) == 40
+    assert model.judge is not None and model.generator.cfg.vae.image_size == CFG.vae.image_size
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    example = pd.DataFrame([{"barcode": BARCODE, "latitude": 45.5, "longitude": -73.6, "num_images": 1,
+                             "steps": 2, "guidance_scale": 1.0, "cfg_scale": 3.0, "seed": 0}])
+    a, b = pyfunc.predict(example), pyfunc.predict(example)
+    assert list(a.columns) == ["row", "sample", "barcode", "seed", "image", "score"] and len(a) == 1
+    with Image.open(io.BytesIO(a.loc[0, "image"])) as im:
+        assert im.format == "PNG" and im.size == (CFG.vae.image_size, CFG.vae.image_size)
+    assert isinstance(a.loc[0, "score"], float) and -1.0 <= a.loc[0, "score"] <= 1.0
+    assert a.loc[0, "image"] == b.loc[0, "image"]  # same seed, same image
+    info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    assert info.signature.inputs.input_names()[0] == "barcode" and info.saved_input_example_info
+
+    with pytest.raises(ValueError, match=r"steps\[0\]: 0"):
+        model.predict(None, example.assign(steps=0))
+    with pytest.raises(ValueError, match="unknown column 'lat'"):
+        model.predict(None, pd.DataFrame([{"barcode": BARCODE, "lat": 1.0}]))
