@@ -1,0 +1,77 @@
+"""The ``serve`` section of ``params.yaml``: bounds, batching, replicas, reload.
+
+Validated here (not by the model config): unknown keys and wrong types name
+``serve.<key>``; ``g2p config dump`` prints the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from g2p.config import ConfigError, _build
+
+
+@dataclass(frozen=True)
+class ServeSection:
+    """How the phenotype endpoint serves (Ray Serve and BentoML alike).
+
+    ``max_n``/``max_steps`` bound a request (422 beyond them); ``default_steps``
+    0 takes the checkpoint's ``sampling.steps``. ``max_batch_size`` and
+    ``batch_wait_timeout_s`` feed ``@serve.batch`` (1 = unbatched).
+    ``autoscaling`` replaces ``num_replicas`` by ``min_replicas``..``max_replicas``
+    scaled on ``target_ongoing_requests``. ``reload_interval_s``: how often a
+    replica polls the registry alias (or the model folder) for a new version
+    (0 = never). ``request_timeout_s``: the longest a request may run (504 after).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_uri: str = "models:/g2pdiffusion@champion"
+    max_n: int = 8
+    max_steps: int = 100
+    default_n: int = 4
+    default_steps: int = 0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    num_replicas: int = 1
+    autoscaling: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    request_timeout_s: float = 120.0
+    reload_interval_s: float = 30.0
+    max_vary_rates: int = 6
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("port", 0 <= self.port <= 65535), ("max_n", self.max_n >= 1), ("max_steps", self.max_steps >= 1),
+            ("default_n", 1 <= self.default_n <= self.max_n),
+            ("default_steps", 0 <= self.default_steps <= self.max_steps),
+            ("max_batch_size", self.max_batch_size >= 1), ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0),
+            ("num_replicas", self.num_replicas >= 1), ("min_replicas", self.min_replicas >= 0),
+            ("max_replicas", self.max_replicas >= max(1, self.min_replicas)),
+            ("target_ongoing_requests", self.target_ongoing_requests > 0),
+            ("num_cpus", self.num_cpus >= 0), ("num_gpus", self.num_gpus >= 0),
+            ("request_timeout_s", self.request_timeout_s > 0), ("reload_interval_s", self.reload_interval_s >= 0),
+            ("max_vary_rates", self.max_vary_rates >= 1), ("model_uri", bool(self.model_uri)),
+        )
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"serve.{key}: invalid value {getattr(self, key)!r}")
+
+
+def serve_section(raw: dict[str, Any] | None) -> ServeSection:
+    """Strictly build the section: unknown keys and wrong types name ``serve.<key>``."""
+    return _build(ServeSection, raw or {}, "serve")
+
+
+def load_serve_section(path: str | Path = "params.yaml") -> ServeSection:
+    import yaml
+
+    p = Path(path)
+    raw = (yaml.safe_load(p.read_text()) or {}) if p.exists() else {}
+    return serve_section(raw.get("serve"))

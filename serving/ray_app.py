@@ -1,0 +1,271 @@
+"""Ray Serve application: a FastAPI ingress in front of a batched model deployment.
+
+    g2p serve [--host 127.0.0.1] [--port 8000]             # models:/g2pdiffusion@champion
+    g2p serve --model-dir models/g2pdiffusion --judge-dir models/judge
+
+Routes (OpenAPI at ``/docs``): ``POST /v1/phenotypes``, ``POST /v1/vary``,
+``GET /v1/model``, ``GET /v1/records`` (+ ``/v1/records/{processid}/image``),
+``GET /healthz``, and the page at ``/``.
+
+``PhenotypeModel`` batches concurrent requests with ``@serve.batch`` (sizes from
+the ``serve`` section) and answers a whole batch with one
+``PhenotypeService.predict_batch`` call. A daemon thread polls the source
+(registry alias or model folder) every ``serve.reload_interval_s``; a new
+version is loaded beside the old one and swapped in with one reference
+assignment: a batch already running keeps the service it started with, so no
+request is dropped.
+"""
+
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+
+from serving.config import ServeSection
+from serving.core import ModelSource, PhenotypeService
+from serving.records import Records
+from serving.schema import (
+    ModelInfo, PhenotypeRequest, PhenotypeResponse, VaryRequest, VaryResponse, error_details, error_message,
+)
+
+log = logging.getLogger("g2p.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
+                "world.js": "text/javascript"}
+
+
+# ----------------------------------------------------------------------------
+# the model deployment
+# ----------------------------------------------------------------------------
+
+
+@serve.deployment(max_ongoing_requests=64)
+class PhenotypeModel:
+    def __init__(self, source: ModelSource, section: ServeSection) -> None:
+        self.source, self.section = source, section
+        self.version = source.current_version()
+        self.service: PhenotypeService = source.load(section)
+        self.reloads = 0
+        self.reload_error: str | None = None
+        self.predict_batch.set_max_batch_size(section.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(section.batch_wait_timeout_s)
+        self._stop = threading.Event()
+        if section.reload_interval_s > 0:
+            threading.Thread(target=self._poll, name="g2p-reload", daemon=True).start()
+
+    # -- reload ------------------------------------------------------------------
+    def _poll(self) -> None:
+        while not self._stop.wait(self.section.reload_interval_s):
+            self.check_reload()
+
+    def check_reload(self) -> bool:
+        """Load and swap in the source's current version if it changed; True if swapped."""
+        try:
+            now = self.source.current_version()
+            if now == self.version:
+                return False
+            fresh = self.source.load(self.section)  # the old service keeps serving meanwhile
+            self.service, self.version = fresh, now  # one assignment each: in-flight batches keep theirs
+            self.reloads += 1
+            self.reload_error = None
+            log.warning("g2p serve: now serving model version %s", now)
+            return True
+        except Exception as e:  # keep serving the old version
+            self.reload_error = f"{type(e).__name__}: {e}"
+            log.warning("g2p serve: reload failed, keeping version %s: %s", self.version, self.reload_error)
+            return False
+
+    # -- requests ------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def predict_batch(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        service = self.service  # snapshot: this batch finishes on the version it started with
+        reqs = [PhenotypeRequest.parse(p, self.section) for p in payloads]
+
+        def run() -> list[dict[str, Any]]:
+            out = [r.model_dump() for r in service.predict_batch(reqs)]
+            for o in out:
+                o["batch_size"] = len(reqs)
+            return out
+
+        return await asyncio.to_thread(run)
+
+    async def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.predict_batch(payload)
+
+    async def vary(self, payload: dict[str, Any]) -> dict[str, Any]:
+        service = self.service
+        req = VaryRequest.parse(payload, self.section)
+        return (await asyncio.to_thread(service.vary, req)).model_dump()
+
+    def info(self) -> dict[str, Any]:
+        d = self.service.model_info().model_dump()
+        d["extra"] = {**d["extra"], "reloads": self.reloads, "reload_error": self.reload_error}
+        return d
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model_version": self.service.model_version}
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+# ----------------------------------------------------------------------------
+# the HTTP ingress
+# ----------------------------------------------------------------------------
+
+api = FastAPI(
+    title="G2PDiffusion phenotypes",
+    description="DNA barcode + place -> generated insect phenotype images, judge scores, model and data version.",
+    version="1",
+)
+
+
+def _body_schema(model: type) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _unprocessable(err: Exception) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": error_message(err), "errors": error_details(err)})
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        shown = raw[:60].decode("utf-8", "replace")
+        raise ValueError(f"body={shown!r}: malformed JSON ({e})") from None
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, model: Any, section: ServeSection, valid_parquet: str | None = None,
+                 data_root: str | None = None) -> None:
+        self.model, self.section = model, section
+        self.records = Records.load(valid_parquet, data_root)
+
+    async def _call(self, method: str, payload: dict[str, Any], timeout: float) -> Any:
+        resp = getattr(self.model, method).remote(payload)
+
+        async def get() -> Any:
+            return await resp
+
+        try:
+            return await asyncio.wait_for(get(), timeout)
+        except asyncio.TimeoutError:
+            resp.cancel()
+            raise
+
+    async def _answer(self, request: Request, schema: type, method: str) -> Response:
+        t0 = time.perf_counter()
+        try:
+            data = await _json_body(request)
+            req = schema.parse(data, self.section)
+        except (ValidationError, ValueError) as e:
+            return _unprocessable(e)
+        timeout = getattr(req, "timeout_s", None) or self.section.request_timeout_s
+        try:
+            out = await self._call(method, req.model_dump(), timeout)
+        except asyncio.TimeoutError:
+            return JSONResponse(status_code=504, content={
+                "detail": f"timeout: the request ran past {timeout:g} s "
+                          f"(timeout_s / serve.request_timeout_s) and was cancelled; the server keeps serving",
+                "timeout_s": timeout, "elapsed_s": round(time.perf_counter() - t0, 3)})
+        except Exception as e:  # a failure inside the model: report it, keep serving
+            log.exception("g2p serve: %s failed", method)
+            return JSONResponse(status_code=500, content={"detail": f"{method} failed: {type(e).__name__}: {e}"})
+        return JSONResponse(out)
+
+    @api.post("/v1/phenotypes", response_model=PhenotypeResponse, openapi_extra=_body_schema(PhenotypeRequest),
+              summary="Generate phenotype images for one barcode and place")
+    async def phenotypes(self, request: Request) -> Response:
+        return await self._answer(request, PhenotypeRequest, "predict")
+
+    @api.post("/v1/vary", response_model=VaryResponse, openapi_extra=_body_schema(VaryRequest),
+              summary="Mutation and latitude sweeps (g2p vary)")
+    async def vary(self, request: Request) -> Response:
+        return await self._answer(request, VaryRequest, "vary")
+
+    @api.get("/v1/model", response_model=ModelInfo, summary="The served model: version, data version, limits")
+    async def model_info(self) -> dict[str, Any]:
+        return await self.model.info.remote()
+
+    @api.get("/healthz", summary="Liveness: the model replica answers")
+    async def healthz(self) -> dict[str, Any]:
+        return await self.model.health.remote()
+
+    @api.get("/v1/records", summary="Test records the page offers (barcode, place, species, real image)")
+    async def records(self) -> list[dict[str, Any]]:
+        return self.records.public()
+
+    @api.get("/v1/records/{processid}/image", summary="The real image of a test record")
+    async def record_image(self, processid: str) -> Response:
+        path = self.records.image_path(processid)
+        if path is None:
+            return JSONResponse(status_code=404, content={"detail": f"processid={processid!r}: no image"})
+        return FileResponse(path, media_type="image/jpeg")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return JSONResponse(status_code=404, content={"detail": f"static file {name!r} not found"})
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
+
+# ----------------------------------------------------------------------------
+# building and running
+# ----------------------------------------------------------------------------
+
+
+def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid_parquet: str | None = None,
+              data_root: str | None = None):
+    """The bound application: replicas, autoscaling and GPUs per replica from ``section``."""
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
+        "max_ongoing_requests": max(16, 4 * section.max_batch_size),
+    }
+    if section.autoscaling:
+        opts["autoscaling_config"] = {
+            "min_replicas": section.min_replicas, "max_replicas": section.max_replicas,
+            "target_ongoing_requests": section.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = section.num_replicas
+    model = PhenotypeModel.options(**opts).bind(source, section)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, section, valid_parquet, data_root)
+
+
+def start(source: ModelSource, section: ServeSection = ServeSection(), *, host: str | None = None,
+          port: int | None = None, valid_parquet: str | None = None, data_root: str | None = None,
+          num_cpus: int | None = None, name: str = "g2p") -> str:
+    """Start Ray (if needed), Serve on host:port, and the app; returns the base URL (non-blocking)."""
+    import ray
+
+    host = host or section.host
+    port = section.port if port is None else port
+    if not ray.is_initialized():
+        import os
+
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": host, "port": port})
+    app = build_app(source, section, valid_parquet, data_root)
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    serve.shutdown()

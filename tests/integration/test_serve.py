@@ -1,0 +1,200 @@
+"""Ray Serve endpoint on loopback: real local Ray, real HTTP, a tiny untrained model (noise images, real code paths)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.config import ServeSection, load_serve_section, serve_section
+from serving.testing import free_port, tiny_model, tiny_records, wait_http
+
+pytestmark = pytest.mark.integration
+
+RNG = np.random.default_rng(0)
+BARCODES = ["".join(RNG.choice(list("ACGT"), n)) for n in (600, 480, 620, 550)]
+
+
+def call(url: str, body: object | bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """The Ray Serve app over a symlinked model folder (swapping the link = a new champion)."""
+    import ray
+    from ray import serve
+
+    from serving import ray_app
+    from serving.core import ModelSource
+
+    tmp = tmp_path_factory.mktemp("serve")
+    tiny_model(tmp / "model_a", seed=0)
+    tiny_model(tmp / "model_b", seed=1)
+    link = tmp / "current"
+    link.symlink_to(tmp / "model_a", target_is_directory=True)
+    valid = tiny_records(tmp / "data", BARCODES[:2])
+    section = ServeSection(max_n=6, max_steps=20, default_n=2, default_steps=2, max_batch_size=8,
+                           batch_wait_timeout_s=0.3, reload_interval_s=0.5, request_timeout_s=30)
+    ray.init(num_cpus=2, include_dashboard=False)
+    url = ray_app.start(ModelSource(model_dir=str(link)), section, port=free_port(), valid_parquet=str(valid),
+                        data_root=str(tmp / "data"))
+    wait_http(url + "/healthz")
+    yield {"url": url, "tmp": tmp, "link": link}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def pngs(resp: dict) -> list[np.ndarray]:
+    return [np.array(Image.open(io.BytesIO(base64.b64decode(s)))) for s in resp["images"]]
+
+
+def test_health_model_info_and_openapi(server) -> None:
+    url = server["url"]
+    assert call(url + "/healthz")[1]["status"] == "ok"
+    code, info = call(url + "/v1/model")
+    assert code == 200 and info["model_version"].startswith("folder:") and info["limits"]["max_n"] == 6
+    assert info["has_judge"] is False and info["image_size"] == 32
+    spec = call(url + "/openapi.json")[1]
+    assert "/v1/phenotypes" in spec["paths"] and "/v1/model" in spec["paths"]
+    body = spec["paths"]["/v1/phenotypes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"barcode", "latitude", "longitude", "n", "steps", "guidance_scale", "cfg_scale", "seed"} <= set(body["properties"])
+    with urllib.request.urlopen(url + "/docs") as r:
+        assert r.status == 200 and b"swagger" in r.read().lower()
+
+
+def test_phenotypes_images_versions_and_same_seed_same_bytes(server) -> None:
+    url = server["url"]
+    req = {"barcode": BARCODES[0].lower(), "latitude": 45.5, "longitude": -73.6, "n": 3, "steps": 2, "seed": 11}
+    code, a = call(url + "/v1/phenotypes", req)
+    assert code == 200, a
+    assert a["barcode"] == BARCODES[0]  # normalised
+    assert len(a["images"]) == 3 and all(im.shape == (32, 32, 3) for im in pngs(a))
+    assert a["scores"] is None and a["model_version"].startswith("folder:") and a["data_version"]
+    assert (a["steps"], a["n"], a["seed"]) == (2, 3, 11)
+    assert call(url + "/v1/phenotypes", req)[1]["images"] == a["images"]
+    other = call(url + "/v1/phenotypes", {**req, "seed": 12})[1]
+    assert other["images"] != a["images"]
+
+
+def test_concurrent_requests_are_batched_and_keep_their_seeds(server) -> None:
+    url = server["url"]
+    reqs = [{"barcode": b, "latitude": 10.0 * i, "longitude": 5.0, "n": 1 + i % 3, "steps": 2, "seed": 100 + i}
+            for i, b in enumerate(BARCODES)]
+    alone = [call(url + "/v1/phenotypes", r)[1] for r in reqs]
+    assert all(a["batch_size"] == 1 for a in alone)
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(lambda r: call(url + "/v1/phenotypes", r), reqs))
+    assert all(code == 200 for code, _ in together)
+    assert max(t["batch_size"] for _, t in together) > 1  # they shared a sampler call
+    for a, (_, t) in zip(alone, together):
+        assert t["images"] == a["images"]  # bytewise: batching changes nothing
+
+
+@pytest.mark.parametrize("body, field, value", [
+    ({"barcode": "ACGTXQ" * 100}, "barcode", "ACGTXQ"),
+    ({"barcode": "ACGT" * 10}, "barcode", "ACGTACGT"),
+    ({"barcode": BARCODES[0], "latitude": 95.0, "longitude": 3.0}, "latitude", "95.0"),
+    ({"barcode": BARCODES[0], "latitude": 5.0, "longitude": -181.0}, "longitude", "-181.0"),
+    ({"barcode": BARCODES[0], "n": 7}, "n", "7"),
+    ({"barcode": BARCODES[0], "steps": 21}, "steps", "21"),
+    ({"barcode": BARCODES[0], "n": "many"}, "n", "many"),
+    ({"barcode": BARCODES[0], "guidance_scale": -1}, "guidance_scale", "-1"),
+    ({"barcode": BARCODES[0], "colour": "red"}, "colour", "red"),
+    ({"latitude": 3.0, "longitude": 4.0}, "barcode", "required"),
+    (b'{"barcode": "ACGT",', "body", "malformed JSON"),
+])
+def test_bad_input_is_422_naming_field_and_value(server, body, field, value) -> None:
+    code, out = call(server["url"] + "/v1/phenotypes", body)
+    assert code == 422, out
+    assert field in out["detail"] and value in out["detail"], out["detail"]
+    assert out["errors"][0]["field"] == field
+
+
+def test_timeout_is_a_clear_504_and_the_server_keeps_serving(server) -> None:
+    url = server["url"]
+    code, out = call(url + "/v1/phenotypes", {"barcode": BARCODES[1], "n": 6, "steps": 20, "timeout_s": 0.01})
+    assert code == 504 and "timeout" in out["detail"] and out["timeout_s"] == 0.01
+    assert call(url + "/v1/phenotypes", {"barcode": BARCODES[1], "timeout_s": 31})[0] == 422  # above the config
+    code, ok = call(url + "/v1/phenotypes", {"barcode": BARCODES[1], "n": 1, "steps": 2})
+    assert code == 200 and len(ok["images"]) == 1
+    assert call(url + "/healthz")[0] == 200
+
+
+def test_records_vary_and_page(server) -> None:
+    url = server["url"]
+    recs = call(url + "/v1/records")[1]
+    assert [r["processid"] for r in recs] == ["TEST000-26", "TEST001-26"] and all(r["has_image"] for r in recs)
+    with urllib.request.urlopen(url + f"/v1/records/{recs[0]['processid']}/image") as r:
+        assert Image.open(io.BytesIO(r.read())).size == (64, 64)
+    assert call(url + "/v1/records/NOPE/image")[0] == 404
+    code, v = call(url + "/v1/vary", {"barcode": recs[0]["barcode"], "latitude": 1.0, "longitude": 2.0,
+                                      "rates": [0.0, 0.2], "latitudes": [-40.0, 0.0, 40.0], "steps": 2})
+    assert code == 200 and len(v["mutation"]) == 2 and len(v["latitude"]) == 3
+    assert v["mutation"][0]["barcode"] == recs[0]["barcode"] and v["mutation"][1]["barcode"] != recs[0]["barcode"]
+    with urllib.request.urlopen(url + "/") as r:
+        assert b"G2PDiffusion" in r.read()
+
+
+def test_a_new_model_version_is_picked_up_without_dropping_requests(server) -> None:
+    """Swap the model folder while clients keep calling: every call answers; the version changes."""
+    url, link, tmp = server["url"], server["link"], server["tmp"]
+    req = {"barcode": BARCODES[2], "n": 1, "steps": 2, "seed": 5}
+    before = call(url + "/v1/phenotypes", req)[1]
+    results: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            results.append(call(url + "/v1/phenotypes", req))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    tmp_link = tmp / "next"
+    tmp_link.symlink_to(tmp / "model_b", target_is_directory=True)
+    os.replace(tmp_link, link)  # atomic: the registry alias moving to a new version
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and call(url + "/v1/model")[1]["model_version"] == before["model_version"]:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:2]
+    versions = [r["model_version"] for _, r in results]
+    assert versions[0] == before["model_version"] and versions[-1] != before["model_version"]
+    after = call(url + "/v1/phenotypes", req)[1]
+    assert after["model_version"] == versions[-1] and after["images"] != before["images"]
+    assert call(url + "/v1/model")[1]["extra"]["reloads"] == 1
+
+
+def test_serve_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> None:
+    from g2p.config import ConfigError
+
+    assert serve_section(None) == ServeSection()
+    with pytest.raises(ConfigError, match=r"serve\.max_n"):
+        serve_section({"max_n": 0})
+    with pytest.raises(ConfigError, match=r"serve\.colour"):
+        serve_section({"colour": 1})
+    p = tmp_path / "params.yaml"
+    p.write_text("serve:\n  max_batch_size: 1\n  num_gpus: 0.5\n")
+    assert load_serve_section(p) == ServeSection(max_batch_size=1, num_gpus=0.5)
