@@ -114,6 +114,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vary(args: argparse.Namespace) -> int:
+    """Section 4.4 grids: one barcode mutated at each rate, and placed at each latitude."""
+    from g2p.evaluation.vary import latitude_images, mutation_images
+    from g2p.generate import Generator, save_grid
+
+    gen = Generator.from_checkpoint(args.model)
+    barcode, lat, lon = args.barcode, args.lat, args.lon
+    if args.processid:
+        import pandas as pd
+
+        df = pd.read_parquet(args.valid)
+        rows = df[df["processid"].astype(str) == args.processid]
+        if rows.empty:
+            raise ValueError(f"--processid: {args.processid!r} not found in {args.valid}")
+        r = rows.iloc[0]
+        col = "dna_barcode_normalised" if "dna_barcode_normalised" in rows else "dna_barcode"
+        barcode = str(r[col])
+        lat = None if pd.isna(r["coord-lat"]) else float(r["coord-lat"])
+        lon = None if pd.isna(r["coord-lon"]) else float(r["coord-lon"])
+    if not barcode:
+        raise ValueError("--barcode: give a barcode or --processid")
+    out = Path(args.out)
+    kw = {"steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed, "n": args.n}
+    mut, _ = mutation_images(gen, [barcode], [lat], [lon], args.rates, **kw)  # (1, R, n, 3, H, W)
+    # rows: samples, columns: mutation rates
+    save_grid(mut[0].transpose(0, 1).reshape(-1, *mut.shape[3:]), out / "mutation.png", ncols=len(args.rates))
+    lats = latitude_images(gen, [barcode], [lon], args.latitudes, **kw)  # (1, L, n, 3, H, W)
+    save_grid(lats[0].transpose(0, 1).reshape(-1, *lats.shape[3:]), out / "latitude.png", ncols=len(args.latitudes))
+    scores = None
+    if args.judge:
+        from g2p.judge import Judge
+
+        judge = Judge.from_pretrained(args.judge)
+        emb = judge.embed_images(mut[0].reshape(-1, *mut.shape[3:])).reshape(len(args.rates), args.n, -1)
+        scores = (emb * judge.embed_barcodes([barcode])[0]).sum(-1).mean(1).tolist()
+    summary = {"mutation_grid": str(out / "mutation.png"), "latitude_grid": str(out / "latitude.png"),
+               "rates": list(args.rates), "latitudes": list(args.latitudes)}
+    if scores is not None:
+        summary["score_by_rate"] = [round(s, 4) for s in scores]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------
@@ -172,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.set_defaults(func=cmd_generate)
+
+    vy = sub.add_parser("vary", help="section 4.4 grids: barcode mutation rates and a latitude sweep")
+    vy.add_argument("--model", default="models/g2pdiffusion", help="generator folder")
+    vy.add_argument("--judge", default=None, help="judge folder: also print CLIBDScore per mutation rate")
+    src = vy.add_mutually_exclusive_group(required=True)
+    src.add_argument("--processid", default=None, help="take barcode and place of this record (from --valid)")
+    src.add_argument("--barcode", default=None)
+    vy.add_argument("--valid", default="outputs/validation/valid.parquet", help="records file for --processid")
+    vy.add_argument("--lat", type=float, default=None)
+    vy.add_argument("--lon", type=float, default=None)
+    vy.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    vy.add_argument("--latitudes", type=float, nargs="+", default=[-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0])
+    vy.add_argument("--n", type=int, default=2, help="images per variant (grid rows)")
+    vy.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    vy.add_argument("--guidance-scale", type=float, default=None, help="aligner guidance w (default: checkpoint's)")
+    vy.add_argument("--seed", type=int, default=0)
+    vy.add_argument("--out", required=True, help="folder for mutation.png and latitude.png")
+    vy.set_defaults(func=cmd_vary)
 
     from pipelines.registry import add_promote_args
 
