@@ -488,6 +488,7 @@ def load_params(path: str | Path = "params.yaml", *, preset_name: str | None = N
 PIPELINE_SECTIONS: tuple[str, ...] = (  # each validated where it is read:
     "ray",  # pipelines/ray_train.py: RaySection
     "register", "promote",  # pipelines/registry.py: RegisterSection, PromoteSection
+    "serve",  # serving/config.py: ServeSection
 )
 
 

@@ -92,7 +92,16 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     from pipelines.registry import default_sections
 
     print(yaml.safe_dump(default_sections(), sort_keys=False), end="")
+    from serving.config import ServeSection
+
+    print(yaml.safe_dump({"serve": dataclasses.asdict(ServeSection())}, sort_keys=False), end="")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.cli import serve_main
+
+    return serve_main(args)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -239,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="MLflow registry gate: move alias champion to challenger if better; rollback")
     add_promote_args(pr)
     pr.set_defaults(func=cmd_promote)
+
+    from serving.cli import add_serve_args
+
+    sv = sub.add_parser("serve", help="Ray Serve endpoint + page: POST /v1/phenotypes, GET /v1/model, /healthz, /docs, /")
+    add_serve_args(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
