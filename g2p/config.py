@@ -196,9 +196,10 @@ class JudgeConfig:
     """The CLIBD-style judge (``g2p.judge``): its own towers and tokenizer, never the aligner's.
 
     Image tower: a CNN with ``channels`` per stride-2 level over images resized
-    to ``image_size``; DNA tower: a transformer over non-overlapping ``k``-mers
-    (CLIBD: k = 5). ``aug_*`` are training augmentations (so the judge does
-    not key on pixel-exact textures of real photos): a random shift of up to
+    to ``image_size``; DNA tower: a transformer of ``dna_layers`` layers over
+    non-overlapping ``k``-mers (CLIBD: k = 5; 0 layers: a bag of k-mers).
+    ``aug_*`` are training augmentations (so the judge does not key on
+    pixel-exact textures of real photos): a random shift of up to
     ``aug_shift`` of the side, brightness/contrast jitter of +-``aug_color``,
     a slight blur with probability ``aug_blur``. Species sharing a batch are
     all positives of each other when ``species_positives``.
@@ -215,8 +216,8 @@ class JudgeConfig:
     dna_intermediate_size: int = 256
     temperature_init: float = 0.07
     species_positives: bool = True
-    aug_shift: float = 0.06
-    aug_color: float = 0.1
+    aug_shift: float = 0.03
+    aug_color: float = 0.05
     aug_blur: float = 0.3
 
 
@@ -319,7 +320,7 @@ class G2PConfig:
     train_diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=5e-4, ema_decay=0.99))
     train_aligner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    train_judge: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3,
+    train_judge: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=64, lr=3e-3,
                                                                          weight_decay=0.01, log_every=20,
                                                                          checkpoint_every=500))
     trait_reader: TraitReaderConfig = field(default_factory=TraitReaderConfig)

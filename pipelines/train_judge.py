@@ -1,0 +1,342 @@
+"""The graders' DVC stages: ``train_judge`` and ``train_trait_reader`` on Ray Train, logged to MLflow.
+
+    python -m pipelines.train_judge --stage train_judge --data outputs/prepared/train.safetensors \\
+        --valid outputs/validation/valid.parquet --root data --out models/judge
+    python -m pipelines.train_judge --stage train_trait_reader --data outputs/prepared/train.safetensors \\
+        --valid outputs/validation/valid.parquet --root data \\
+        --ground-truth data/bioscan5m/metadata/synthetic_ground_truth.parquet --out models/trait_reader
+
+The same machinery as the generator's stages (:mod:`pipelines.stage`), reused
+rather than copied: a ``TorchTrainer`` whose workers run the core training
+function (:mod:`g2p.train.judge`) with ``rank``/``world_size``, DDP through
+``ray_train._wrap_for``, ``ray_train._RayHooks`` for the step log, reports,
+checkpoints and resumption, a nested MLflow run (:func:`tracking.start_stage_run`)
+and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
+(:func:`stage.write_dvc_outputs`). What differs is the model (a
+:class:`~g2p.judge.Judge` or a :class:`~g2p.trait_reader.TraitReader`, not a
+``G2PDiffusion``) and what the driver measures after training:
+
+- judge: species-level image-to-DNA retrieval (:func:`g2p.judge.species_retrieval`:
+  one averaged embedding per species). Seen: real ``test`` images against the
+  ``val`` barcodes of the 72 seen species; unseen: ``test_unseen`` images
+  against the ``key_unseen`` barcodes of the unseen species (never trained
+  on), and against seen + unseen keys together (``unseen_all``, harder);
+- trait reader: its own error per trait on ``val`` (seen species, held-out
+  records) and ``test_unseen`` images, next to the error of always
+  predicting the training mean (mode for categoricals), so evaluation can
+  say how far to trust it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from g2p.config import G2PConfig
+from g2p.data.dataset import Arrays
+from pipelines.ray_train import HooksFactory, RaySection, StageRun, ensure_ray
+
+GRADER_STAGES = ("train_judge", "train_trait_reader")
+DEFAULT_GROUND_TRUTH = "data/bioscan5m/metadata/synthetic_ground_truth.parquet"
+
+
+# ----------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------
+
+
+def load_arrays_file(path: str | Path) -> Arrays:
+    """An arrays file (``ray_train.save_arrays``) with its images at whatever size they were prepared."""
+    from g2p.train.checkpoint import load_tree
+
+    t = load_tree(path)
+    return Arrays(processid=np.array(t["processid"]), barcode=t["barcode"], lat=t["lat"], lon=t["lon"],
+                  has_place=t["has_place"], species=np.array(t["species"], dtype=object), images=t["images"])
+
+
+def load_split(valid: str | Path, root: str | Path, split: str, image_size: int | None) -> Arrays:
+    """The validated records of ``split`` (``valid.parquet``) with images from ``root`` at ``image_size``."""
+    import pandas as pd
+
+    from g2p.data.dataset import load_arrays, records_from_frame
+
+    df = pd.read_parquet(valid)
+    rows = df[df["split"] == split]
+    if rows.empty:
+        raise ValueError(f"split: no validated records of split {split!r} in {valid}")
+    return load_arrays(root, records_from_frame(rows), image_size)
+
+
+def trait_targets(processid: Sequence[str], ground_truth: str | Path) -> dict[str, np.ndarray]:
+    """The trait reader's targets for these records, joined on ``processid``."""
+    import pandas as pd
+
+    from g2p.trait_reader import targets_from_ground_truth
+
+    gt = pd.read_parquet(ground_truth).set_index("processid")
+    pids = [str(p) for p in processid]
+    missing = [p for p in pids if p not in gt.index]
+    if missing:
+        raise ValueError(f"processid: {len(missing)} records have no ground truth in {ground_truth}, "
+                         f"e.g. {missing[0]!r}")
+    return targets_from_ground_truth(gt.loc[pids].reset_index())
+
+
+# ----------------------------------------------------------------------------
+# Ray Train
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Saver:
+    """What ``ray_train._RayHooks`` needs of a model: ``save_pretrained`` and a ``cfg`` with ``to_json``."""
+
+    model: Any
+    cfg: G2PConfig
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return self.model.save_pretrained(directory)
+
+
+def _build(stage: str, cfg: G2PConfig, directory: str | Path | None = None) -> torch.nn.Module:
+    from g2p.judge import Judge
+    from g2p.trait_reader import TraitReader
+
+    cls, section = (Judge, cfg.judge) if stage == "train_judge" else (TraitReader, cfg.trait_reader)
+    return cls.from_pretrained(directory).train() if directory else cls(section)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Per worker: build or resume the grader, train it with the core function, save the result."""
+    import ray.train
+    import ray.train.torch
+
+    from g2p.train import judge as train
+    from g2p.train.checkpoint import load_tree
+    from g2p.train.loop import Hooks
+    from pipelines.ray_train import _quiet_reports, _RayHooks, _wrap_for
+
+    stage, section = config["stage"], RaySection(**config["ray"])
+    cfg = G2PConfig.from_json(config["cfg"])
+    tcfg = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
+    torch.set_num_threads(section.cpus_per_worker)
+    _quiet_reports()
+
+    torch.manual_seed(tcfg.seed)  # same initial weights on every rank
+    resume, ckpt = None, ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if json.loads((Path(d) / "progress.json").read_text())["final"]:
+                return
+            model = _build(stage, cfg, Path(d) / "model").to(device)
+            resume = load_tree(Path(d) / "train_state.safetensors")
+    else:
+        model = _build(stage, cfg).to(device)
+    torch.manual_seed(tcfg.seed + rank)
+
+    data = load_arrays_file(config["data"])
+    factory = config["hooks_factory"]
+    user = factory(rank, world) if factory else Hooks()
+    ray_hooks = _RayHooks(stage, _Saver(model, cfg), tcfg, Path(config["log_path"]), user,
+                          section.report_interval_s, device)
+    ray_hooks.log({"event": "start", "step": int(resume["step"]) if resume else 0, "world_size": world})
+    kw = dict(rank=rank, world_size=world, hooks=ray_hooks.hooks(), resume=resume, progress=False,
+              wrap=_wrap_for(stage, section, device))
+    if stage == "train_judge":
+        state = train.train_judge(model, data, tcfg, **kw)
+    else:
+        targets = trait_targets(data.processid, config["ground_truth"])
+        state = train.train_trait_reader(model, data.images, targets, tcfg, **kw)
+    ray_hooks.save(state, final=True)
+
+
+def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str,
+                     scaling: RaySection = RaySection(), storage_path: str | Path | None = None,
+                     ground_truth: str | Path = DEFAULT_GROUND_TRUTH,
+                     hooks_factory: HooksFactory | None = None) -> StageRun:
+    """Train ``stage`` on Ray workers (resuming ``storage_path/run_name`` if it exists)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_train import DEFAULT_POLL_S, LOG_NAME, POLL_ENV
+
+    if stage not in GRADER_STAGES:
+        raise ValueError(f"stage: {stage!r} is not one of {GRADER_STAGES}")
+    import os
+    import time
+
+    ensure_ray()
+    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)
+    storage = Path(storage_path or scaling.storage_path).resolve()
+    log_path = storage / run_name / LOG_NAME
+    worker_cfg = {"stage": stage, "cfg": cfg.to_json(), "data": str(Path(data).resolve()), "ray": asdict(scaling),
+                  "log_path": str(log_path), "hooks_factory": hooks_factory,
+                  "ground_truth": str(Path(ground_truth).resolve())}
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=worker_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep or None),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"{storage / run_name}: the run finished without a checkpoint")
+    local = type(ckpt.filesystem).__name__ == "LocalFileSystem"
+    model_dir = Path(ckpt.path if local else ckpt.to_directory()) / "model"
+    return StageRun(result=result, model_dir=model_dir, log_path=log_path, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------
+# what the driver measures
+# ----------------------------------------------------------------------------
+
+
+def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, float]:
+    """Species-level retrieval, seen and unseen (see the module docstring)."""
+    from g2p.judge import species_retrieval
+
+    size = judge.cfg.image_size
+    test, val = load_split(valid, root, "test", size), load_split(valid, root, "val", None)
+    out = {f"seen_{k}": v for k, v in species_retrieval(judge.embed_images(test.images), test.species,
+                                                       judge.embed_barcodes(val.barcode), val.species).items()}
+    tu, ku = load_split(valid, root, "test_unseen", size), load_split(valid, root, "key_unseen", None)
+    q, kemb = judge.embed_images(tu.images), judge.embed_barcodes(ku.barcode)
+    out.update({f"unseen_{k}": v for k, v in species_retrieval(q, tu.species, kemb, ku.species).items()})
+    both = torch.cat([judge.embed_barcodes(val.barcode), kemb])
+    out.update({f"unseen_all_{k}": v for k, v in species_retrieval(
+        q, tu.species, both, list(val.species) + list(ku.species)).items()})
+    # true pairs vs shuffled pairs on real test images: the scale a CLIBDScore lives on
+    sims = (judge.embed_images(test.images) * judge.embed_barcodes(test.barcode)).sum(-1)
+    perm = np.random.default_rng(0).permutation(len(test))
+    shuffled = (judge.embed_images(test.images) * judge.embed_barcodes([test.barcode[i] for i in perm])).sum(-1)
+    out.update({"score_true_pairs": float(sims.mean()), "score_shuffled_pairs": float(shuffled.mean()),
+                "temperature": judge.temperature})
+    return out
+
+
+def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str | Path, root: str | Path,
+                  ground_truth: str | Path) -> dict[str, Any]:
+    """Per-trait error on held-out records (``val``) and unseen species (``test_unseen``), with a baseline."""
+    from g2p.trait_reader import CATEGORICAL, CIRCULAR, trait_errors
+
+    def constant(name: str, n: int) -> np.ndarray:
+        t = train_targets[name]
+        if name in CATEGORICAL:
+            vals, counts = np.unique(np.rint(t), return_counts=True)
+            return np.full(n, vals[counts.argmax()])
+        if name in CIRCULAR:
+            a = 2 * np.pi * t
+            return np.full(n, np.mod(np.arctan2(np.sin(a).mean(), np.cos(a).mean()) / (2 * np.pi), 1.0))
+        return np.full(n, t.mean())
+
+    out: dict[str, Any] = {}
+    for split in ("val", "test_unseen"):
+        arrays = load_split(valid, root, split, reader.cfg.image_size)
+        truth = trait_targets(arrays.processid, ground_truth)
+        err = trait_errors(reader.predict(arrays.images), truth)
+        base = trait_errors({n: constant(n, len(arrays)) for n in reader.TARGETS}, truth)
+        rows = {}
+        for n in reader.TARGETS:
+            key = "error_rate" if n in CATEGORICAL else "mae"
+            rows[n] = {key: float(err[n].mean()), f"{key}_constant_baseline": float(base[n].mean())}
+        out[split] = {"num_records": len(arrays), "traits": rows}
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the DVC stage
+# ----------------------------------------------------------------------------
+
+
+def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, ground_truth: str,
+        metrics_dir: str, plots_dir: str, preset_name: str | None = None,
+        storage_path: str | None = None) -> dict[str, Any]:
+    from g2p.config import load_params, preset
+    from pipelines import tracking
+    from pipelines.ray_train import load_ray_section
+    from pipelines.stage import _metric, run_key, write_dvc_outputs
+
+    cfg = load_params(params, preset_name=preset_name) if Path(params).exists() else preset(preset_name or "default")
+    scaling = load_ray_section(params)
+    model_section = "judge" if stage == "train_judge" else "trait_reader"
+    key_json = json.dumps({s: getattr(cfg, s) for s in (model_section, stage)}, default=str, sort_keys=True)
+    name = f"{stage}-{run_key(stage, key_json, data, ground_truth if stage != 'train_judge' else None, asdict(scaling))}"
+    uri = tracking.tracking_uri()
+    with tracking.start_stage_run(stage, cfg) as active:
+        run_id = active.info.run_id
+        result = run_grader_stage(stage, cfg, data=data, run_name=name, scaling=scaling, storage_path=storage_path,
+                                  ground_truth=ground_truth, hooks_factory=tracking.ray_hooks_factory(run_id, uri))
+        dest = Path(out)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(result.model_dir, dest)
+        tracking.log_checkpoint(run_id, dest, uri=uri)
+        metrics_path = Path(metrics_dir) / f"{stage}.json"
+        summary = write_dvc_outputs(stage, result.log(), result.seconds, metrics_path,
+                                    Path(plots_dir) / f"{stage}.csv")
+        summary["ray_run"] = name
+        model = _build(stage, cfg, dest).eval()
+        if stage == "train_judge":
+            measured = judge_metrics(model, valid, root)
+            summary["retrieval"] = measured
+            flat = {f"retrieval_{k}": v for k, v in measured.items()}
+        else:
+            train_targets = trait_targets(load_arrays_file(data).processid, ground_truth)
+            measured = trait_metrics(model, train_targets, valid, root, ground_truth)
+            summary["held_out"] = measured
+            flat = {f"{split}_{trait}_{k}": v for split, m in measured.items()
+                    for trait, row in m["traits"].items() for k, v in row.items() if "baseline" not in k}
+        metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+        flat.update({f"final_{k}": float(v) for k, v in summary.items()
+                     if k in ("loss", "seconds", "loss_last10_mean") and v is not None})
+        tracking._client(uri).log_batch(run_id, metrics=[_metric(k, float(v), summary["steps"])
+                                                         for k, v in flat.items()])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Train the judge or the trait reader (Ray Train + MLflow).")
+    p.add_argument("--stage", required=True, choices=GRADER_STAGES)
+    p.add_argument("--data", required=True, help="arrays file of the training records (pipelines.prepare)")
+    p.add_argument("--valid", default="outputs/validation/valid.parquet", help="validated records (held-out splits)")
+    p.add_argument("--root", default="data", help="BIOSCAN-5M-layout root holding the images")
+    p.add_argument("--ground-truth", default=DEFAULT_GROUND_TRUTH)
+    p.add_argument("--out", required=True, help="the final model folder")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--preset", default=None, help="apply params on top of this preset (tests: tiny)")
+    p.add_argument("--storage-path", default=None, help="Ray run storage (default: params ray.storage_path)")
+    p.add_argument("--metrics-dir", default="outputs/metrics")
+    p.add_argument("--plots-dir", default="outputs/plots")
+    a = p.parse_args(argv)
+    summary = run(a.stage, data=a.data, out=a.out, params=a.params, valid=a.valid, root=a.root,
+                  ground_truth=a.ground_truth, metrics_dir=a.metrics_dir, plots_dir=a.plots_dir,
+                  preset_name=a.preset, storage_path=a.storage_path)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
