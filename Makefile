@@ -31,7 +31,21 @@ run: install
 	if dvc repro; then $(PY) -m pipelines.tracking end; \
 	else rc=$$?; $(PY) -m pipelines.tracking end --status FAILED; exit $$rc; fi
 
-test: install
+# tests/integration/test_page.py drives Debian's chromium through selenium and
+# the system chromedriver (no browser download). Installed with apt-get where
+# we are root (or have sudo); otherwise this stops with the command to run.
+BROWSER := $(VENV)/.browser
+$(BROWSER):
+	if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+	  command -v chromedriver >/dev/null || { echo "need chromedriver: apt-get install chromium-driver" >&2; exit 1; }; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+	  sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	else echo "the page test needs chromium + chromedriver: apt-get install chromium chromium-driver" >&2; exit 1; fi
+	touch $(BROWSER)
+
+test: install $(BROWSER)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 # The official bioscan-dataset package reading a synthetic root, in its own venv
