@@ -389,6 +389,28 @@ def example_barcode(length: int = 658, seed: int = 0) -> str:
     return "".join(rng.choice("ACGT") for _ in range(length))
 
 
+def preflight(artifacts: Mapping[str, str], info: Mapping[str, Any], example: Any) -> Any:
+    """Load the folders and predict the input example with the pyfunc's own code, before anything is logged.
+
+    A generator folder from older code (say, without a module the current UNet
+    has) must stop the stage with its reason, not be registered broken.
+    """
+    from types import SimpleNamespace
+
+    from pipelines.g2p_pyfunc import OUTPUT_COLUMNS, G2PModel
+
+    model = G2PModel()
+    try:
+        model.load_context(SimpleNamespace(artifacts=dict(artifacts), model_config=dict(info)))
+        out = model.predict(None, example)
+    except Exception as e:
+        raise ValueError(f"register: the model in {artifacts['generator']!r} (judge: {artifacts.get('judge')!r}) "
+                         f"does not load or predict with this code: {type(e).__name__}: {e}") from e
+    if list(out.columns) != list(OUTPUT_COLUMNS) or len(out) != int(example["num_images"].sum()):
+        raise ValueError(f"register: the input example gave {len(out)} rows with columns {list(out.columns)}")
+    return out
+
+
 def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: Mapping[str, float],
                   promote: PromoteSection, info: Mapping[str, Any], run_id: str) -> dict[str, str]:
     tags = {k: v for k, v in lineage.items() if not k.startswith("mlflow.") and not re.match(r"params\.\w+\.sha", k)}
@@ -451,6 +473,7 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
         if has_judge:
             artifacts["judge"] = str(judge_dir)
         signature, example = _signature_and_example(example_barcode(), section.example_steps)
+        preflight(artifacts, info, example)  # MLflow only warns when the example fails: fail here instead
         cfg = {"register": asdict(section), "promote": asdict(promote_section)}
         with tracking.start_stage_run("register", cfg, root, log_system_metrics=False) as run:
             run_id = run.info.run_id

@@ -176,3 +176,21 @@ def test_stage_command_registers_gates_and_load_predicts(repo: Path, store: str,
         model.predict(None, example.assign(steps=0))
     with pytest.raises(ValueError, match="unknown column 'lat'"):
         model.predict(None, pd.DataFrame([{"barcode": BARCODE, "lat": 1.0}]))
+
+
+def test_a_model_that_does_not_load_is_not_registered(repo: Path, store: str, tmp_path: Path) -> None:
+    """A folder the code cannot load (here: the aligner's weights lost) stops the stage with its reason."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    bad = tmp_path / "bad"
+    shutil.copytree(repo / "models" / "g2pdiffusion", bad)
+    (bad / "aligner.safetensors").unlink()
+    write_metrics(repo, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"does not load or predict with this code: .*aligner.safetensors"):
+        registry.register(RegisterSection(generator_dir=str(bad)), PromoteSection(), root=repo, progress=False)
+    assert MlflowClient(store).search_registered_models() == []
+    with pytest.raises(ValueError, match=r"promote.metrics: 'seen.g2pdiffusion.success@1' not found"):
+        registry.register(RegisterSection(), PromoteSection(metrics=("seen.g2pdiffusion.success@1",)), root=repo,
+                          progress=False)
