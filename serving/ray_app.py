@@ -52,8 +52,8 @@ STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.c
 class PhenotypeModel:
     def __init__(self, source: ModelSource, section: ServeSection) -> None:
         self.source, self.section = source, section
-        self.version = source.current_version()
         self.service: PhenotypeService = source.load(section)
+        self.version = self.service.model_version  # what was loaded (an alias may move meanwhile)
         self.reloads = 0
         self.reload_error: str | None = None
         self.predict_batch.set_max_batch_size(section.max_batch_size)
@@ -74,7 +74,7 @@ class PhenotypeModel:
             if now == self.version:
                 return False
             fresh = self.source.load(self.section)  # the old service keeps serving meanwhile
-            self.service, self.version = fresh, now  # one assignment each: in-flight batches keep theirs
+            self.service, self.version = fresh, fresh.model_version  # in-flight batches keep theirs
             self.reloads += 1
             self.reload_error = None
             log.warning("g2p serve: now serving model version %s", now)
@@ -251,7 +251,7 @@ def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid
 
 def start(source: ModelSource, section: ServeSection = ServeSection(), *, host: str | None = None,
           port: int | None = None, valid_parquet: str | None = None, data_root: str | None = None,
-          num_cpus: int | None = None, name: str = "g2p") -> str:
+          num_cpus: int | None = None, name: str = "g2p", route_prefix: str = "/") -> str:
     """Start Ray (if needed), Serve on host:port, and the app; returns the base URL (non-blocking)."""
     import ray
 
@@ -263,8 +263,8 @@ def start(source: ModelSource, section: ServeSection = ServeSection(), *, host: 
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     app = build_app(source, section, valid_parquet, data_root)
-    serve.run(app, name=name, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
 def stop() -> None:

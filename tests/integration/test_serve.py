@@ -187,6 +187,102 @@ def test_a_new_model_version_is_picked_up_without_dropping_requests(server) -> N
     assert call(url + "/v1/model")[1]["extra"]["reloads"] == 1
 
 
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A throwaway repository with two registered versions (tiny generator + tiny judge); v1 is champion."""
+    import subprocess
+
+    import torch
+
+    from g2p.config import JudgeConfig, preset
+    from g2p.judge import Judge
+    from g2p.model import G2PDiffusion
+    from pipelines import registry
+    from pipelines.registry import PromoteSection, RegisterSection
+
+    root = tmp_path_factory.mktemp("repo")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = preset("tiny")
+    Judge(JudgeConfig(image_size=16, channels=(4, 8), embed_dim=8, dna_hidden_size=8, dna_heads=2,
+                      dna_intermediate_size=16)).save_pretrained(root / "models" / "judge")
+    (root / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  nfiles: 7\n  path: data\n")
+    (root / "params.yaml").write_text("register:\n  model_name: g2pdiffusion\n")
+    (root / "reports").mkdir()
+    (root / "reports" / "metrics.json").write_text(json.dumps({
+        "seen": {"g2pdiffusion": {"success@10": 0.5, "success@10_low": 0.4, "success@10_high": 0.6}},
+        "unseen": {"g2pdiffusion": {"success@10": 0.2, "success@10_low": 0.1, "success@10_high": 0.3}},
+        "eval_config_hash": "eval-a"}))
+    for cmd in (["init", "-q"], ["add", "data.dvc", "params.yaml"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"]):
+        subprocess.run(["git", "-C", str(root), *cmd], check=True, capture_output=True)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "G2P_PIPELINE_RUN_ID", "G2P_USER")}
+    os.environ.update({"MLFLOW_TRACKING_URI": store, "G2P_USER": "tester"})
+    os.environ.pop("G2P_PIPELINE_RUN_ID", None)
+    try:
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            model = G2PDiffusion(cfg)
+            model.negative_bank = torch.randn(cfg.sampling.negative_bank_size, cfg.conditioner.hidden_size)
+            model.save_pretrained(root / "models" / "g2pdiffusion")
+            registry.register(RegisterSection(), PromoteSection(), root=root, progress=False)
+        registry.promote("g2pdiffusion", PromoteSection(), to_version="1", note="serving test", tracking_uri=store)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"store": store}
+
+
+def test_registry_champion_is_served_and_a_promotion_is_picked_up(server, registry_store) -> None:
+    """The production path: models:/g2pdiffusion@champion; moving the alias swaps the model, no request dropped."""
+    from ray import serve
+
+    from pipelines import registry
+    from pipelines.registry import PromoteSection
+    from serving import ray_app
+    from serving.core import ModelSource
+
+    store = registry_store["store"]
+    section = ServeSection(default_n=2, default_steps=2, reload_interval_s=0.5, batch_wait_timeout_s=0.01)
+    app = ray_app.build_app(ModelSource(model_uri="models:/g2pdiffusion@champion", tracking_uri=store), section)
+    serve.run(app, name="registry", route_prefix="/reg", blocking=False)
+    url = server["url"] + "/reg"
+    try:
+        wait_http(url + "/healthz", timeout=120)
+        info = call(url + "/v1/model")[1]
+        assert (info["model_version"], info["data_version"], info["has_judge"]) == ("1", "0123abcd.dir", True)
+        req = {"barcode": BARCODES[3], "latitude": 20.0, "longitude": 30.0, "seed": 3}
+        code, v1 = call(url + "/v1/phenotypes", req)
+        assert code == 200 and v1["model_version"] == "1" and v1["data_version"] == "0123abcd.dir"
+        assert len(v1["scores"]) == 2 and all(-1.0 <= s <= 1.0 for s in v1["scores"])  # the bundled judge
+
+        results: list[tuple[int, dict]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                results.append(call(url + "/v1/phenotypes", req))
+
+        t = threading.Thread(target=client)
+        t.start()
+        time.sleep(0.5)
+        registry.promote("g2pdiffusion", PromoteSection(), to_version="2", note="serving test", tracking_uri=store)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and call(url + "/v1/model")[1]["model_version"] != "2":
+            time.sleep(0.3)
+        time.sleep(0.3)
+        stop.set()
+        t.join()
+        assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:2]
+        assert results[0][1]["model_version"] == "1" and results[-1][1]["model_version"] == "2"
+        v2 = call(url + "/v1/phenotypes", req)[1]
+        assert v2["model_version"] == "2" and v2["images"] != v1["images"]
+    finally:
+        serve.delete("registry")
+
+
 def test_serve_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> None:
     from g2p.config import ConfigError
 
