@@ -39,6 +39,7 @@ def serve_main(args: argparse.Namespace) -> int:
         source = ModelSource(model_dir=args.model_dir, judge_dir=args.judge_dir)
     else:
         source = ModelSource(model_uri=args.model_uri or section.model_uri, tracking_uri=args.tracking_uri)
+        print(f"g2p serve: {source.model_uri} is version {source.current_version()}", flush=True)  # fails early
     records = args.records if args.records and Path(args.records).exists() else None
     url = ray_app.start(source, section, host=args.host, port=args.port, valid_parquet=records,
                         data_root=args.data_root, num_cpus=args.num_cpus)
