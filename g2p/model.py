@@ -157,8 +157,11 @@ class G2PDiffusion(nn.Module):
             raw = read_metadata(src / f"{name}.safetensors").get(DIFFUSERS_CONFIG_KEY)
             if raw is not None:
                 nets[net] = json.loads(raw)
+        has_lora = json.loads((src / "lora_state.json").read_text())["has_lora"]
+        if has_lora and "unet" in nets:  # the saved UNet says whether it has the pooled embedding
+            saved = saved.set("lora.pooled_embedding", nets["unet"].get("class_embed_type") == "projection")
         model = cls(saved, from_pretrained=False, diffusers_configs=nets)
-        if json.loads((src / "lora_state.json").read_text())["has_lora"]:
+        if has_lora:
             model.add_lora()
         for name in COMPONENTS:
             load_module(src / f"{name}.safetensors", getattr(model, name))
