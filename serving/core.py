@@ -73,7 +73,7 @@ class PhenotypeService:
         if judge_dir is not None and Path(judge_dir).exists():
             from g2p.judge import Judge
 
-            judge = Judge.from_pretrained(judge_dir, device=device)
+            judge = Judge.from_pretrained(judge_dir)  # CPU: it scores the CPU images
         version = folder_version(model_dir, judge_dir)
         info = {"model_version": f"folder:{version}", "data_version": "unknown", "source": str(model_dir)}
         return cls(gen, judge, info, section or ServeSection())
@@ -274,9 +274,15 @@ class ModelSource:
         return str(resolve_alias(name, alias, tracking_uri=self.tracking_uri)) if alias else alias_free(self.model_uri)
 
     def load(self, section: ServeSection) -> PhenotypeService:
+        """Load the model; with ``serve.num_gpus`` > 0 and CUDA present the generator goes to the GPU
+        (the judge stays where it was loaded; noise is drawn on the CPU either way)."""
+        device = "cuda" if section.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.model_dir is not None:
-            return PhenotypeService.from_folders(self.model_dir, self.judge_dir, section)
-        return PhenotypeService.from_registry(self.model_uri, self.tracking_uri, section)
+            return PhenotypeService.from_folders(self.model_dir, self.judge_dir, section, device=device)
+        svc = PhenotypeService.from_registry(self.model_uri, self.tracking_uri, section)
+        if device != "cpu":
+            svc.generator.model.to(device)
+        return svc
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None]:

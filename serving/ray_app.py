@@ -231,9 +231,8 @@ class Ingress:
 # ----------------------------------------------------------------------------
 
 
-def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid_parquet: str | None = None,
-              data_root: str | None = None):
-    """The bound application: replicas, autoscaling and GPUs per replica from ``section``."""
+def model_options(section: ServeSection) -> dict[str, Any]:
+    """``PhenotypeModel.options(...)``: replicas or autoscaling, CPUs/GPUs per replica, queue bound."""
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
         "max_ongoing_requests": max(16, 4 * section.max_batch_size),
@@ -245,7 +244,13 @@ def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid
         }
     else:
         opts["num_replicas"] = section.num_replicas
-    model = PhenotypeModel.options(**opts).bind(source, section)
+    return opts
+
+
+def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid_parquet: str | None = None,
+              data_root: str | None = None):
+    """The bound application: replicas, autoscaling and GPUs per replica from ``section``."""
+    model = PhenotypeModel.options(**model_options(section)).bind(source, section)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, section, valid_parquet, data_root)
 
 

@@ -97,9 +97,8 @@ def test_model_info_docs_and_vary(server) -> None:
     spec = call(server + "/docs.json")[1]
     props = spec["paths"]["/v1/phenotypes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "barcode" in detail(props) and "seed" in detail(props)
-    code, v = call(server + "/v1/vary", {"barcode": BARCODES[1], "rates": [0.0, 0.3], "latitudes": [0.0, 45.0],
-                                         "steps": 2})
-    assert code == 200 and len(v["mutation"]) == 2 and len(v["latitude"]) == 2
+    code, v = call(server + "/v1/vary", {"barcode": BARCODES[1], "rates": [0.3], "latitudes": [45.0], "steps": 1})
+    assert code == 200 and len(v["mutation"]) == 1 and len(v["latitude"]) == 1
 
 
 @pytest.mark.parametrize("body, text", [

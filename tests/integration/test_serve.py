@@ -294,3 +294,16 @@ def test_serve_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> No
     p = tmp_path / "params.yaml"
     p.write_text("serve:\n  max_batch_size: 1\n  num_gpus: 0.5\n")
     assert load_serve_section(p) == ServeSection(max_batch_size=1, num_gpus=0.5)
+
+
+def test_replicas_autoscaling_and_gpus_come_from_the_section() -> None:
+    from serving.ray_app import PhenotypeModel, model_options
+
+    fixed = model_options(ServeSection(num_replicas=3, num_cpus=2, num_gpus=0.5, max_batch_size=16))
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
+    assert fixed["max_ongoing_requests"] >= 16 and "autoscaling_config" not in fixed
+    auto = model_options(ServeSection(autoscaling=True, min_replicas=1, max_replicas=4, target_ongoing_requests=2))
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    assert "num_replicas" not in auto
+    d = PhenotypeModel.options(**fixed)  # Ray accepts them
+    assert d.num_replicas == 3 and d.ray_actor_options["num_gpus"] == 0.5
