@@ -295,7 +295,7 @@ class EvaluateConfig:
     threshold_pairs: int = 0
     batch_barcodes: int = 6
     vary_barcodes: int = 4
-    vary_samples: int = 2
+    vary_samples: int = 1
     mutation_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     latitudes: tuple[float, ...] = (-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0)
 

@@ -121,13 +121,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def generate_rows(generator, barcodes: list[str], lat: list[float | None], lon: list[float | None], n: int,
-                  guidance: float, seed: int, chunk: int, bar) -> torch.Tensor:
+                  guidance: float, seed: int, chunk: int, bar, **sampling_kw) -> torch.Tensor:
     """(B, n, 3, H, W) generated images; chunk c uses seed ``seed + c`` (same seeds for every row)."""
     outs = []
     for c, i in enumerate(range(0, len(barcodes), chunk)):
         sl = slice(i, i + chunk)
         outs.append(generator.generate(barcodes[sl], lat[sl], lon[sl], n=n, guidance_scale=guidance,
-                                       seed=seed + c))
+                                       seed=seed + c, **sampling_kw))
         bar.update(len(barcodes[sl]) * n)
     return torch.cat(outs)
 
@@ -140,13 +140,19 @@ def _scores(judge, images: torch.Tensor, bc_emb: torch.Tensor) -> tuple[np.ndarr
 
 
 def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_truth: float | None = None,
-             progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    """All metrics (the ``metrics.json`` dict) and the artefacts for plots and the report."""
+             sampling=None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All metrics (the ``metrics.json`` dict) and the artefacts for plots and the report.
+
+    ``sampling`` (a ``SamplingConfig``, default: the checkpoint's) sets steps,
+    scheduler, cfg scale and the aligner guidance of the ``g2pdiffusion`` row.
+    """
     t0 = time.time()
     ks = sorted(set(int(k) for k in ecfg.ks))
     if max(ks) > ecfg.num_samples:
         raise ValueError(f"evaluate.ks: {max(ks)} exceeds evaluate.num_samples={ecfg.num_samples}")
-    guided = generator.cfg.sampling.guidance_scale
+    sampling = sampling or generator.cfg.sampling
+    guided = sampling.guidance_scale
+    skw = {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "scheduler": sampling.scheduler}
     reps, seed = ecfg.bootstrap_reps, ecfg.seed
     art: dict[str, Any] = {"samples": {}, "topk": [], "ks": ks}
 
@@ -195,7 +201,7 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
         bar.set_description(f"evaluate: sampling {split}")
         for row, w in (("no_aligner", 0.0), ("g2pdiffusion", guided)):
             images[row] = generate_rows(generator, barcodes, lat, lon, ecfg.num_samples, w, seed,
-                                        ecfg.batch_barcodes, bar)
+                                        ecfg.batch_barcodes, bar, **skw)
         gt_scores, _ = _scores(judge, images["ground_truth"], bc)
         gt_scores = gt_scores[:, 0]
         split_out: dict[str, Any] = {"num_species": int(len(names)), "num_barcodes": int(len(sel))}
@@ -228,12 +234,13 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
     if with_traits:
         results["traits"] = traits_out
     results["variation"], art["variation"] = variation(generator, judge, data.splits["seen"], ecfg,
-                                                       trait_reader, bergmann_truth, progress)
+                                                       trait_reader, bergmann_truth, progress,
+                                                       guidance_scale=guided, **skw)
     results["seconds"] = round(time.time() - t0, 1)
     return results, art
 
 
-def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress):
+def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress, **generate_kw):
     """Section 4.4: CLIBDScore against mutation rate; measured body size against latitude."""
     sel = select_barcodes(arr.species, 1)[: ecfg.vary_barcodes]
     barcodes = [arr.barcode[i] for i in sel]
@@ -242,7 +249,7 @@ def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth,
     n, rates, lats = ecfg.vary_samples, list(ecfg.mutation_rates), list(ecfg.latitudes)
     total = len(sel) * n * (len(rates) + (len(lats) if trait_reader is not None else 0))
     bar = _progress(total, "evaluate: variation", progress)
-    mut, _ = mutation_images(generator, barcodes, lat, lon, rates, n=n, seed=ecfg.seed)  # (B, R, n, ...)
+    mut, _ = mutation_images(generator, barcodes, lat, lon, rates, n=n, seed=ecfg.seed, **generate_kw)  # (B, R, n, ...)
     bar.update(len(sel) * n * len(rates))
     bc = judge.embed_barcodes(barcodes)
     b, r = mut.shape[:2]
@@ -252,14 +259,14 @@ def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth,
                            "num_barcodes": int(len(sel)), "samples_per_barcode": int(n)}
     art: dict[str, Any] = {"mutation": mut, "rates": rates}
     if trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ()):
-        li = latitude_images(generator, barcodes, lon, lats, n=n, seed=ecfg.seed)  # (B, L, n, ...)
+        li = latitude_images(generator, barcodes, lon, lats, n=n, seed=ecfg.seed, **generate_kw)  # (B, L, n, ...)
         bar.update(len(sel) * n * len(lats))
         size = trait_reader.predict(li.reshape(-1, *li.shape[3:]))["body_size"].reshape(b, len(lats), n)
         abs_lat = np.broadcast_to(np.abs(np.asarray(lats))[None, :, None], size.shape)
         group = np.broadcast_to(np.arange(b)[:, None, None], size.shape)
         out["latitudes"] = lats
         out["body_size_by_latitude"] = [float(x) for x in size.mean(axis=(0, 2))]
-        out["bergmann_slope"] = M.bergmann_slope(abs_lat.ravel(), size.ravel(), group.ravel())
+        out["bergmann_slope"] = _slope_or_none(abs_lat.ravel(), size.ravel(), group.ravel())
         # the same fit on real test images: what the reader sees when the truth is there
         real = trait_reader.predict(arr.images)["body_size"]
         sp = np.unique(arr.species, return_inverse=True)[1]
@@ -272,7 +279,8 @@ def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth,
 
 
 def _slope_or_none(abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray) -> float | None:
-    """Per-species fit where species have several records, else one pooled fit; None if neither is possible."""
+    """Per-group fit where groups have several latitudes, else one pooled fit; None if neither is possible
+    (e.g. a reader that reads non-positive sizes: no relative slope)."""
     for g in (group, None):
         try:
             return M.bergmann_slope(abs_lat, size, g)
@@ -374,7 +382,7 @@ def write_figures(results: dict[str, Any], art: dict[str, Any], out: Path) -> di
         axes[0][1].plot(v["latitudes"], v["body_size_by_latitude"], marker="o")
         axes[0][1].set_xlabel("latitude")
         axes[0][1].set_ylabel("measured body size")
-        axes[0][1].set_title(f"slope {v['bergmann_slope']:.4f}/deg (truth {v['bergmann_truth']})", fontsize=9)
+        axes[0][1].set_title(f"slope {v['bergmann_slope']}/deg (truth {v['bergmann_truth']})", fontsize=9)
     fig.tight_layout()
     figs["variation"] = figdir / "variation.png"
     fig.savefig(figs["variation"], dpi=110)
@@ -475,7 +483,7 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
               + ", ".join(f"{r:.0%}: {s:.3f}" for r, s in zip(v["mutation_rates"], v["score_by_rate"])) + "."]
     if "bergmann_slope" in v:
         parts += ["", f"Body size measured by the trait reader against latitude: fitted relative slope "
-                      f"**{v['bergmann_slope']:.4f}** per degree of |latitude| (synthetic truth's Bergmann "
+                      f"**{v['bergmann_slope']}** per degree of |latitude| (synthetic truth's Bergmann "
                       f"coefficient {v['bergmann_truth']}; the same fit on real test images: "
                       f"{v['bergmann_slope_real_images']})."]
     parts += ["", f"![variation](figures/{figs['variation'].name})", "",
@@ -541,8 +549,8 @@ def run(*, model: str, judge: str, trait_reader: str | None, train: str, test: s
 
         reader = TraitReader.from_pretrained(trait_reader)
     data = load_eval_data(train, test, valid, root, gen.cfg.vae.image_size, truth)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    results, art = evaluate(gen, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann, progress=progress)
+    results, art = evaluate(gen, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
+                            sampling=(cfg or gen.cfg).sampling, progress=progress)
     results["eval_config_hash"] = eval_config_hash(ecfg, data)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
