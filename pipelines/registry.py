@@ -313,23 +313,19 @@ def resolve_alias(name: str, alias: str, tracking_uri: str | None = None) -> str
 def load_registered(uri: str = "models:/g2pdiffusion@champion", tracking_uri: str | None = None) -> Any:
     """``mlflow.pyfunc.load_model(uri).unwrap_python_model()`` with ``info["model_version"]`` filled in.
 
-    The object has ``.generator``, ``.judge`` (or None), ``.info`` and ``.predict(context, df)``.
+    The object has ``.generator``, ``.judge`` (or None), ``.info`` and
+    ``.predict(context, df)``. An alias is resolved first and that version
+    loaded, so the info names exactly the weights loaded even if the alias
+    moves meanwhile.
     """
     import mlflow
 
-    client = _client(tracking_uri)
+    _client(tracking_uri)  # sets the tracking and registry URIs
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
-    version = None
-    if m and m.group(2):
-        version = resolve_alias(m.group(1), m.group(2), tracking_uri)
-    elif m:
-        version = m.group(3)
-    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    model.info["model_uri"] = uri
-    if version is not None:
-        model.info["model_version"] = version
-        model.info["model_name"] = m.group(1)
-        client.get_model_version(m.group(1), version)  # exists (load_model succeeded), cheap sanity check
+    name = m.group(1) if m else None
+    version = (m.group(3) or resolve_alias(name, m.group(2), tracking_uri)) if m else None
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}" if m else uri).unwrap_python_model()
+    model.info.update(model_uri=uri, **({"model_name": name, "model_version": version} if m else {}))
     return model
 
 
