@@ -60,7 +60,8 @@ class JSONBodyCheck:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             out = json.dumps({"error": f"body={body[:60].decode('utf-8', 'replace')!r}: malformed JSON ({e})"}).encode()
             await send({"type": "http.response.start", "status": 422,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(out)).encode())]})
             await send({"type": "http.response.body", "body": out})
             return
         sent = False

@@ -105,7 +105,8 @@ class PhenotypeResponse(BaseModel):
     cfg_scale: float
     seed: int
     images: list[str] = Field(description="base64-encoded PNGs, n of them")
-    scores: list[float] | None = Field(description="judge score (cosine, CLIBDScore) of each image; null without a judge")
+    scores: list[float] | None = Field(
+        description="judge score (cosine, CLIBDScore) of each image; null without a judge")
     model_version: str
     data_version: str
     elapsed_s: float

@@ -75,7 +75,8 @@ def test_health_model_info_and_openapi(server) -> None:
     spec = call(url + "/openapi.json")[1]
     assert "/v1/phenotypes" in spec["paths"] and "/v1/model" in spec["paths"]
     body = spec["paths"]["/v1/phenotypes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"barcode", "latitude", "longitude", "n", "steps", "guidance_scale", "cfg_scale", "seed"} <= set(body["properties"])
+    fields = {"barcode", "latitude", "longitude", "n", "steps", "guidance_scale", "cfg_scale", "seed"}
+    assert fields <= set(body["properties"])
     with urllib.request.urlopen(url + "/docs") as r:
         assert r.status == 200 and b"swagger" in r.read().lower()
 
