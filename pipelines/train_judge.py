@@ -227,11 +227,12 @@ def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, 
     out.update({f"unseen_all_{k}": v for k, v in species_retrieval(
         q, tu.species, both, list(val.species) + list(ku.species)).items()})
     # true pairs vs shuffled pairs on real test images: the scale a CLIBDScore lives on
-    sims = (judge.embed_images(test.images) * judge.embed_barcodes(test.barcode)).sum(-1)
-    perm = np.random.default_rng(0).permutation(len(test))
-    shuffled = (judge.embed_images(test.images) * judge.embed_barcodes([test.barcode[i] for i in perm])).sum(-1)
-    out.update({"score_true_pairs": float(sims.mean()), "score_shuffled_pairs": float(shuffled.mean()),
-                "temperature": judge.temperature})
+    for prefix, arrays in (("seen", test), ("unseen", tu)):
+        img, dna = judge.embed_images(arrays.images), judge.embed_barcodes(arrays.barcode)
+        perm = np.random.default_rng(0).permutation(len(arrays))
+        out[f"{prefix}_score_true_pairs"] = float((img * dna).sum(-1).mean())
+        out[f"{prefix}_score_shuffled_pairs"] = float((img * dna[torch.as_tensor(perm)]).sum(-1).mean())
+    out["temperature"] = judge.temperature
     return out
 
 

@@ -74,6 +74,8 @@ def test_train_judge_stage_trains_tracks_and_measures_retrieval(workspace: Path)
     for k in ("seen_top1", "seen_top5", "unseen_top1", "unseen_all_top1"):
         assert 0.0 <= r[k] <= 1.0
     assert r["seen_top5"] >= r["seen_top1"]
+    for split in ("seen", "unseen"):
+        assert -1.0 <= r[f"{split}_score_shuffled_pairs"] <= 1.0 and -1.0 <= r[f"{split}_score_true_pairs"] <= 1.0
     assert (workspace / "plots" / "train_judge.csv").read_text().startswith("step,loss\n")
 
     from pipelines.tracking import experiment_id
