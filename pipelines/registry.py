@@ -96,9 +96,12 @@ class RegisterSection:
 
 @dataclass(frozen=True)
 class PromoteSection:
-    """The ``promote`` key: which metrics (paths into ``metrics.json``, higher = better) and which rule."""
+    """The ``promote`` key: which metrics (paths into ``metrics.json``, higher = better) and which rule.
 
-    metrics: tuple[str, ...] = ("seen.g2pdiffusion.success@10", "unseen.g2pdiffusion.success@10")
+    ``@kmax`` ends a path with the largest k evaluated (see :func:`resolve_metric`).
+    """
+
+    metrics: tuple[str, ...] = ("seen.g2pdiffusion.success@kmax", "unseen.g2pdiffusion.success@kmax")
     rule: Rule = "not_worse_ci"
     min_delta: float = 0.0
     require_same_eval: bool = True
@@ -218,6 +221,24 @@ class Decision:
         return "\n".join(lines)
 
 
+def resolve_metric(name: str, flat: Mapping[str, float]) -> str:
+    """``...@kmax`` -> ``...@<largest k the metrics hold>`` (keys of ``flat`` as :func:`metric_key` makes them).
+
+    The largest evaluated k depends on the preset (tiny 2, default 10, paper
+    100); ``kmax`` lets one ``promote`` section serve them all. Two versions
+    with the same ``eval_config_hash`` share their ks, so the challenger's
+    resolution holds for the champion too.
+    """
+    if not name.endswith("@kmax"):
+        return name
+    prefix = name[: -len("kmax")]
+    pattern = re.compile(re.escape(metric_key(prefix)) + r"(\d+)")
+    ks = [int(m.group(1)) for k in flat if (m := pattern.fullmatch(k))]
+    if not ks:
+        raise ValueError(f"promote.metrics: {name!r}: no {prefix}<k> in the metrics (has e.g. {sorted(flat)[:5]})")
+    return f"{prefix}{max(ks)}"
+
+
 def _get(flat: Mapping[str, float], name: str, version: str) -> float:
     key = metric_key(name)
     if key not in flat:
@@ -238,8 +259,9 @@ def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion
     hashes = {"challenger": chal_hash, "champion": champ_hash}
     common = dict(model_name=model_name, version=challenger, champion_before=champion, rule=section.rule,
                   min_delta=section.min_delta, eval_config_hash=hashes)
+    names = [resolve_metric(m, chal) for m in section.metrics]
     checks = [MetricCheck(m, _get(chal, m, challenger), chal.get(metric_key(m + "_low")),
-                          chal.get(metric_key(m + "_high"))) for m in section.metrics]
+                          chal.get(metric_key(m + "_high"))) for m in names]
     if champion is None or champ is None:
         return Decision("first", True, "no champion yet: the first model becomes champion", checks=checks, **common)
     if champion == challenger:
@@ -414,7 +436,8 @@ def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: 
     tags["judge"] = str(info.get("judge"))
     tags["g2p.run_id"] = run_id
     tags["g2p.g2p_sha256"] = str(info.get("g2p_sha256"))
-    for m in promote.metrics:
+    keyed = {metric_key(k): v for k, v in flat.items()}
+    for m in (resolve_metric(m, keyed) for m in promote.metrics):
         for suffix in ("", "_low", "_high"):
             if m + suffix in flat:
                 tags[f"metric.{metric_key(m + suffix)}"] = repr(flat[m + suffix])
@@ -446,8 +469,9 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
         raise FileNotFoundError(f"register.metrics_path: {str(metrics_path)!r} not found (run the evaluate stage)")
     metrics = json.loads(metrics_path.read_text())
     flat = flatten_metrics(metrics)
+    keyed = {metric_key(k): v for k, v in flat.items()}
     for m in promote_section.metrics:  # fail before logging anything
-        _get({metric_key(k): v for k, v in flat.items()}, m, "being registered")
+        _get(keyed, resolve_metric(m, keyed), "being registered")
     uri = tracking.tracking_uri(root)
     client = _client(uri)
     lineage = tracking.lineage_tags(root)

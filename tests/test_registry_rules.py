@@ -98,3 +98,17 @@ def test_sections_are_strict(tmp_path) -> None:
     p.write_text("register:\n  auto_promote: false\npromote:\n  metrics: [seen.g2pdiffusion.success@1]\n")
     reg, prom = load_sections(p)
     assert reg.auto_promote is False and prom.metrics == ("seen.g2pdiffusion.success@1",)
+
+
+def test_kmax_takes_the_largest_evaluated_k() -> None:
+    raw = {"seen": {"g2pdiffusion": {f"success@{k}": k / 100 for k in (1, 2, 10)} | {"success@10_low": 0.05}}}
+    chal = {metric_key(k): v for k, v in flatten_metrics(raw).items()}
+    from pipelines.registry import resolve_metric
+
+    assert resolve_metric("seen.g2pdiffusion.success@kmax", chal) == "seen.g2pdiffusion.success@10"
+    assert resolve_metric("seen.g2pdiffusion.success@2", chal) == "seen.g2pdiffusion.success@2"
+    with pytest.raises(ValueError, match="'unseen.g2pdiffusion.success@kmax': no unseen.g2pdiffusion.success@<k>"):
+        resolve_metric("unseen.g2pdiffusion.success@kmax", chal)
+    section = PromoteSection(metrics=("seen.g2pdiffusion.success@kmax",), rule="not_worse_point")
+    d = decide("g2pdiffusion", "2", chal, "1", chal, section, chal_hash="h", champ_hash="h")
+    assert [c.metric for c in d.checks] == ["seen.g2pdiffusion.success@10"] and d.promote
