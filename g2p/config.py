@@ -316,8 +316,8 @@ class G2PConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pretrain_conditioner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=1e-3))
     train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=16, lr=1e-3))
-    train_base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, lr=1e-3, ema_decay=0.99))
-    train_diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=5e-4, ema_decay=0.99))
+    train_base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=1e-3, ema_decay=0.99))
+    train_diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=5e-4, ema_decay=0.99))
     train_aligner: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     train_judge: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=64, lr=3e-3,
