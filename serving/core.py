@@ -107,6 +107,7 @@ class PhenotypeService:
             source=str(self.info.get("source", "")), image_size=cfg.vae.image_size,
             has_judge=self.judge is not None, sampling=dataclasses.asdict(cfg.sampling),
             limits={"max_n": sec.max_n, "max_steps": sec.max_steps, "default_n": sec.default_n,
+                    "default_steps": sec.default_steps or cfg.sampling.steps,
                     "max_batch_size": sec.max_batch_size, "request_timeout_s": sec.request_timeout_s},
             extra={k: v for k, v in self.info.items() if k not in ("model_version", "data_version", "source")},
         )

@@ -88,7 +88,7 @@ async function init() {
     const info = await (await fetch("/v1/model")).json();
     limits = info.limits || {};
     $("n").max = limits.max_n; $("n").value = limits.default_n || 4; $("steps").max = limits.max_steps;
-    $("steps").placeholder = info.sampling.steps; $("guidance").placeholder = info.sampling.guidance_scale;
+    $("steps").placeholder = limits.default_steps || info.sampling.steps; $("guidance").placeholder = info.sampling.guidance_scale;
     $("model-info").textContent = `Model ${info.model_version}, data ${info.data_version}, ${info.image_size} px, judge: ${info.has_judge ? "yes" : "no"}.`;
   } catch (e) { $("model-info").textContent = "model info unavailable"; }
   try {
