@@ -34,10 +34,7 @@ Lifecycle (aliases, not the deprecated stages):
    ``--force`` promotes regardless; ``--to-version N`` moves ``champion`` to N
    (rollback); both record who and why.
 
-Rules (every metric must pass; ``d = promote.min_delta``, may be negative as
-a tolerance): ``not_worse_ci``: challenger >= champion's lower 95% bound + d;
-``not_worse_point``: challenger >= champion + d; ``strictly_better``:
-challenger > champion + d.
+The rule itself is pure and lives in :mod:`pipelines.promotion`.
 """
 
 from __future__ import annotations
@@ -47,24 +44,25 @@ import datetime as _dt
 import getpass
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from g2p.config import ConfigError, _build
+from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API lives in promotion.py)
+    Decision, MetricCheck, PromoteSection, _get, decide, flatten_metrics, metric_key, resolve_metric,
+)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_FILE = Path(__file__).with_name("g2p_pyfunc.py")
 RUNTIME_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas",
                     "pyarrow", "pillow", "pyyaml", "tqdm", "mlflow")
-Rule = Literal["not_worse_ci", "not_worse_point", "strictly_better"]
 
 
 # ----------------------------------------------------------------------------
@@ -94,28 +92,6 @@ class RegisterSection:
             raise ConfigError(f"register.example_steps: {self.example_steps!r} must be at least 1")
 
 
-@dataclass(frozen=True)
-class PromoteSection:
-    """The ``promote`` key: which metrics (paths into ``metrics.json``, higher = better) and which rule.
-
-    ``@kmax`` ends a path with the largest k evaluated (see :func:`resolve_metric`).
-    """
-
-    metrics: tuple[str, ...] = ("seen.g2pdiffusion.success@kmax", "unseen.g2pdiffusion.success@kmax")
-    rule: Rule = "not_worse_ci"
-    min_delta: float = 0.0
-    require_same_eval: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.metrics:
-            raise ConfigError("promote.metrics: at least one metric is needed")
-        for i, m in enumerate(self.metrics):
-            if not m or m.startswith(".") or m.endswith(".") or ".." in m:
-                raise ConfigError(f"promote.metrics[{i}]: {m!r} is not a dotted path like seen.g2pdiffusion.success@10")
-        if not math.isfinite(self.min_delta):
-            raise ConfigError(f"promote.min_delta: {self.min_delta!r} must be finite")
-
-
 def load_sections(path: str | Path = "params.yaml") -> tuple[RegisterSection, PromoteSection]:
     """Both sections, strictly (unknown keys and wrong types name ``register.<key>`` / ``promote.<key>``)."""
     import yaml
@@ -133,169 +109,6 @@ def default_sections() -> dict[str, Any]:
     return {"register": _to_plain(RegisterSection()), "promote": _to_plain(PromoteSection())}
 
 
-# ----------------------------------------------------------------------------
-# metrics
-# ----------------------------------------------------------------------------
-
-
-def metric_key(name: str) -> str:
-    """A ``metrics.json`` path -> an MLflow metric/tag name (``@`` is not allowed there)."""
-    return re.sub(r"[^/\w.\- :]", "_", name.replace("@", "_at_"))
-
-
-def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every finite numeric scalar of a nested dict, keyed by its dotted path (booleans and strings left out)."""
-    out: dict[str, float] = {}
-    for k, v in obj.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_metrics(v, f"{path}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[path] = float(v)
-    return out
-
-
-@dataclass
-class MetricCheck:
-    """One metric of the gate: both versions' point estimates and 95% intervals, and the verdict."""
-
-    metric: str
-    challenger: float
-    challenger_low: float | None
-    challenger_high: float | None
-    champion: float | None = None
-    champion_low: float | None = None
-    champion_high: float | None = None
-    reference: float | None = None  # what the challenger had to reach
-    op: str = ">="  # how it had to reach it (">" for strictly_better)
-    passed: bool | None = None
-
-    def text(self) -> str:
-        def ci(v: float | None, lo: float | None, hi: float | None) -> str:
-            if v is None:
-                return "-"
-            return f"{v:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
-
-        verdict = {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
-        ref = f" (needs {self.op} {self.reference:.4f})" if self.reference is not None else ""
-        return (f"{self.metric}: challenger {ci(self.challenger, self.challenger_low, self.challenger_high)}"
-                f" vs champion {ci(self.champion, self.champion_low, self.champion_high)}{ref}: {verdict}")
-
-
-@dataclass
-class Decision:
-    """What the gate (or a person) did and why; recorded on the model version and printed."""
-
-    action: Literal["promoted", "kept", "refused", "first", "forced", "rollback", "unchanged"]
-    promote: bool
-    reason: str
-    model_name: str
-    version: str  # the version the decision is about (challenger, or the rollback target)
-    champion_before: str | None
-    rule: str = ""
-    min_delta: float = 0.0
-    checks: list[MetricCheck] = field(default_factory=list)
-    eval_config_hash: dict[str, str | None] = field(default_factory=dict)
-    by: str = ""
-    at: str = ""
-    dry_run: bool = False
-
-    @property
-    def champion_after(self) -> str | None:
-        return self.version if self.promote else self.champion_before
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["champion_after"] = self.champion_after
-        return d
-
-    def text(self) -> str:
-        head = (f"{self.model_name} v{self.version}: {self.action.upper()}"
-                f"{' (dry run, nothing changed)' if self.dry_run else ''} -- {self.reason}")
-        lines = [head, f"champion: {self.champion_before or '(none)'} -> {self.champion_after or '(none)'}"]
-        if self.rule:
-            lines.append(f"rule: {self.rule}, min_delta {self.min_delta:g}")
-        lines += [f"  {c.text()}" for c in self.checks]
-        if self.by:
-            lines.append(f"by {self.by} at {self.at}")
-        return "\n".join(lines)
-
-
-def resolve_metric(name: str, flat: Mapping[str, float]) -> str:
-    """``...@kmax`` -> ``...@<largest k the metrics hold>`` (keys of ``flat`` as :func:`metric_key` makes them).
-
-    The largest evaluated k depends on the preset (tiny 2, default 10, paper
-    100); ``kmax`` lets one ``promote`` section serve them all. Two versions
-    with the same ``eval_config_hash`` share their ks, so the challenger's
-    resolution holds for the champion too.
-    """
-    if not name.endswith("@kmax"):
-        return name
-    prefix = name[: -len("kmax")]
-    pattern = re.compile(re.escape(metric_key(prefix)) + r"(\d+)")
-    ks = [int(m.group(1)) for k in flat if (m := pattern.fullmatch(k))]
-    if not ks:
-        raise ValueError(f"promote.metrics: {name!r}: no {prefix}<k> in the metrics (has e.g. {sorted(flat)[:5]})")
-    return f"{prefix}{max(ks)}"
-
-
-def _get(flat: Mapping[str, float], name: str, version: str) -> float:
-    key = metric_key(name)
-    if key not in flat:
-        raise ValueError(f"promote.metrics: {name!r} not found in the metrics of version {version} "
-                         f"(has e.g. {sorted(flat)[:5]})")
-    return flat[key]
-
-
-def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion: str | None,
-           champ: Mapping[str, float] | None, section: PromoteSection, *, chal_hash: str | None = None,
-           champ_hash: str | None = None, force: bool = False) -> Decision:
-    """The promotion rule on two versions' flattened metrics (keys as :func:`metric_key` makes them).
-
-    Pure: no MLflow. ``champ`` None = there is no champion yet (the first model
-    becomes champion). ``force`` promotes whatever the metrics say, but the
-    checks are still computed and recorded.
-    """
-    hashes = {"challenger": chal_hash, "champion": champ_hash}
-    common = dict(model_name=model_name, version=challenger, champion_before=champion, rule=section.rule,
-                  min_delta=section.min_delta, eval_config_hash=hashes)
-    names = [resolve_metric(m, chal) for m in section.metrics]
-    checks = [MetricCheck(m, _get(chal, m, challenger), chal.get(metric_key(m + "_low")),
-                          chal.get(metric_key(m + "_high"))) for m in names]
-    if champion is None or champ is None:
-        return Decision("first", True, "no champion yet: the first model becomes champion", checks=checks, **common)
-    if champion == challenger:
-        return Decision("unchanged", False, f"version {challenger} is already champion", checks=checks, **common)
-    for c in checks:
-        c.champion = _get(champ, c.metric, champion)
-        c.champion_low = champ.get(metric_key(c.metric + "_low"))
-        c.champion_high = champ.get(metric_key(c.metric + "_high"))
-        if section.rule == "not_worse_ci":
-            if c.champion_low is None:
-                raise ValueError(f"promote.rule: not_worse_ci needs {c.metric + '_low'!r} in the metrics of "
-                                 f"version {champion}; use not_worse_point or add intervals")
-            c.reference = c.champion_low + section.min_delta
-            c.passed = c.challenger >= c.reference
-        elif section.rule == "not_worse_point":
-            c.reference = c.champion + section.min_delta
-            c.passed = c.challenger >= c.reference
-        else:  # strictly_better
-            c.reference, c.op = c.champion + section.min_delta, ">"
-            c.passed = c.challenger > c.reference
-    same_eval = chal_hash is not None and chal_hash == champ_hash
-    if section.require_same_eval and not same_eval:
-        why = (f"evaluated on different sets: eval_config_hash {str(chal_hash)[:12]} (challenger) vs "
-               f"{str(champ_hash)[:12]} (champion); re-evaluate both on one set, or --force")
-        if force:
-            return Decision("forced", True, f"forced by a person although {why}", checks=checks, **common)
-        return Decision("refused", False, why, checks=checks, **common)
-    failed = [c.metric for c in checks if not c.passed]
-    if force:
-        why = f"forced by a person ({'rule passed' if not failed else 'rule failed on ' + ', '.join(failed)})"
-        return Decision("forced", True, why, checks=checks, **common)
-    if failed:
-        return Decision("kept", False, f"{section.rule} failed on {', '.join(failed)}", checks=checks, **common)
-    return Decision("promoted", True, f"{section.rule} passed on every metric", checks=checks, **common)
 
 
 # ----------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""The promotion rule on hand-made metrics (no MLflow): pure decisions, params validation, flattening."""
+"""The promotion rule on hand-made metrics (pipelines.promotion, no MLflow): decisions, params validation."""
 
 from __future__ import annotations
 
 import pytest
 
 from g2p.config import ConfigError
-from pipelines.registry import PromoteSection, RegisterSection, decide, flatten_metrics, load_sections, metric_key
+from pipelines.promotion import PromoteSection, decide, flatten_metrics, metric_key, resolve_metric
+from pipelines.registry import RegisterSection, load_sections
 
 M = ("seen.g2pdiffusion.success@10", "unseen.g2pdiffusion.success@10")
 
@@ -103,8 +104,6 @@ def test_sections_are_strict(tmp_path) -> None:
 def test_kmax_takes_the_largest_evaluated_k() -> None:
     raw = {"seen": {"g2pdiffusion": {f"success@{k}": k / 100 for k in (1, 2, 10)} | {"success@10_low": 0.05}}}
     chal = {metric_key(k): v for k, v in flatten_metrics(raw).items()}
-    from pipelines.registry import resolve_metric
-
     assert resolve_metric("seen.g2pdiffusion.success@kmax", chal) == "seen.g2pdiffusion.success@10"
     assert resolve_metric("seen.g2pdiffusion.success@2", chal) == "seen.g2pdiffusion.success@2"
     with pytest.raises(ValueError, match="'unseen.g2pdiffusion.success@kmax': no unseen.g2pdiffusion.success@<k>"):
