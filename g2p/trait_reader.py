@@ -81,7 +81,6 @@ class TraitReader(nn.Module):
     def __init__(self, cfg: TraitReaderConfig = TraitReaderConfig()) -> None:
         super().__init__()
         self.cfg = cfg
-        self.targets = self.TARGETS
         self.tower = ConvTower(cfg.channels)
         feat = self.tower.out_channels * cfg.pool * cfg.pool
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(feat, cfg.hidden), nn.GELU())

@@ -30,7 +30,9 @@ and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +107,8 @@ class _Saver:
         return self.model.save_pretrained(directory)
 
 
-def _build(stage: str, cfg: G2PConfig, directory: str | Path | None = None) -> torch.nn.Module:
+def build_grader(stage: str, cfg: G2PConfig, directory: str | Path | None = None) -> torch.nn.Module:
+    """The stage's model: loaded from a ``save_pretrained`` folder, else fresh from ``cfg``."""
     from g2p.judge import Judge
     from g2p.trait_reader import TraitReader
 
@@ -138,10 +141,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             if json.loads((Path(d) / "progress.json").read_text())["final"]:
                 return
-            model = _build(stage, cfg, Path(d) / "model").to(device)
+            model = build_grader(stage, cfg, Path(d) / "model").to(device)
             resume = load_tree(Path(d) / "train_state.safetensors")
     else:
-        model = _build(stage, cfg).to(device)
+        model = build_grader(stage, cfg).to(device)
     torch.manual_seed(tcfg.seed + rank)
 
     data = load_arrays_file(config["data"])
@@ -172,9 +175,6 @@ def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: 
 
     if stage not in GRADER_STAGES:
         raise ValueError(f"stage: {stage!r} is not one of {GRADER_STAGES}")
-    import os
-    import time
-
     ensure_ray()
     os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)
     storage = Path(storage_path or scaling.storage_path).resolve()
@@ -273,6 +273,7 @@ def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str 
 def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, ground_truth: str,
         metrics_dir: str, plots_dir: str, preset_name: str | None = None,
         storage_path: str | None = None) -> dict[str, Any]:
+    """The DVC stage: train on Ray, copy the model to ``out``, measure it, write metrics/plots, log to MLflow."""
     from g2p.config import load_params, preset
     from pipelines import tracking
     from pipelines.ray_train import load_ray_section
@@ -282,7 +283,8 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
     scaling = load_ray_section(params)
     model_section = "judge" if stage == "train_judge" else "trait_reader"
     key_json = json.dumps({s: getattr(cfg, s) for s in (model_section, stage)}, default=str, sort_keys=True)
-    name = f"{stage}-{run_key(stage, key_json, data, ground_truth if stage != 'train_judge' else None, asdict(scaling))}"
+    extra_input = ground_truth if stage == "train_trait_reader" else None
+    name = f"{stage}-{run_key(stage, key_json, data, extra_input, asdict(scaling))}"
     uri = tracking.tracking_uri()
     with tracking.start_stage_run(stage, cfg) as active:
         run_id = active.info.run_id
@@ -297,7 +299,7 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
         summary = write_dvc_outputs(stage, result.log(), result.seconds, metrics_path,
                                     Path(plots_dir) / f"{stage}.csv")
         summary["ray_run"] = name
-        model = _build(stage, cfg, dest).eval()
+        model = build_grader(stage, cfg, dest).eval()
         if stage == "train_judge":
             measured = judge_metrics(model, valid, root)
             summary["retrieval"] = measured

@@ -126,9 +126,9 @@ def train_trait_reader(reader: TraitReader, images: Tensor, targets: Mapping[str
     in the ground truth's units. Standardisation statistics are fitted here
     (unless resuming) and saved with the reader.
     """
-    missing = [t for t in reader.targets if t not in targets]
+    missing = [t for t in reader.TARGETS if t not in targets]
     if missing:
-        raise ValueError(f"targets: missing {missing[:3]} (the reader predicts {list(reader.targets)})")
+        raise ValueError(f"targets: missing {missing[:3]} (the reader predicts {list(reader.TARGETS)})")
     rc = reader.cfg
     if resume is None:
         reader.fit_normalisation(targets)

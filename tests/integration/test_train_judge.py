@@ -52,7 +52,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
 def _run(ws: Path, stage: str) -> dict:
     from pipelines.train_judge import run
 
-    return run(stage, data=str(ws / "train.safetensors"), out=str(ws / "models" / stage), params=str(ws / "params.yaml"),
+    return run(stage, data=str(ws / "train.safetensors"), out=str(ws / "models" / stage),
+               params=str(ws / "params.yaml"),
                valid=str(ws / "valid.parquet"), root=str(ws / "data"),
                ground_truth=str(ws / "data" / "bioscan5m" / "metadata" / "synthetic_ground_truth.parquet"),
                metrics_dir=str(ws / "metrics"), plots_dir=str(ws / "plots"), preset_name="tiny")
