@@ -288,6 +288,7 @@ class EvaluateConfig:
     """
 
     barcodes_per_species: int = 1
+    max_species: int = 0  # >0: only this many species per split (evenly spaced, sorted); accuracy still over all
     num_samples: int = 10
     ks: tuple[int, ...] = (1, 5, 10)
     bootstrap_reps: int = 1000

@@ -80,12 +80,14 @@ def load_eval_data(train: str | Path, test: str | Path, valid: str | Path | None
     return EvalData(train=load_data(train, ["train"], image_size), splits=splits, truth=gt)
 
 
-def select_barcodes(species: np.ndarray, per_species: int) -> np.ndarray:
-    """Indices of the first ``per_species`` records of each species (all when 0), species sorted."""
+def select_barcodes(species: np.ndarray, per_species: int, max_species: int = 0) -> np.ndarray:
+    """Indices of the first ``per_species`` records (all when 0) of each species, species sorted;
+    with ``max_species`` > 0 only that many species, evenly spaced over the sorted list."""
     sp = np.asarray(species, dtype=object)
-    if per_species <= 0:
-        return np.arange(len(sp))
-    out = [np.nonzero(sp == s)[0][:per_species] for s in sorted(set(sp.tolist()))]
+    names = sorted(set(sp.tolist()))
+    if 0 < max_species < len(names):
+        names = [names[i] for i in np.linspace(0, len(names) - 1, max_species).round().astype(int)]
+    out = [np.nonzero(sp == s)[0][:per_species if per_species > 0 else None] for s in names]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -175,10 +177,11 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
     traits_out: dict[str, Any] = {}
     with_traits = trait_reader is not None and data.truth is not None
 
-    n_gen = sum(len(select_barcodes(a.species, ecfg.barcodes_per_species)) for a in data.splits.values())
+    n_gen = sum(len(select_barcodes(a.species, ecfg.barcodes_per_species, ecfg.max_species))
+                for a in data.splits.values())
     bar = _progress(n_gen * ecfg.num_samples * len(GENERATED), "evaluate: sampling", progress)
     for split, arr in data.splits.items():
-        sel = select_barcodes(arr.species, ecfg.barcodes_per_species)
+        sel = select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)
         barcodes = [arr.barcode[i] for i in sel]
         lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
         lon = [float(arr.lon[i]) if arr.has_place[i] else None for i in sel]
@@ -291,7 +294,8 @@ def _slope_or_none(abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray) -> 
 
 def eval_config_hash(ecfg, data: EvalData) -> str:
     """sha256 of the evaluate section and the identity of the evaluated records (same hash: comparable runs)."""
-    ident = {split: [str(p) for p in arr.processid[select_barcodes(arr.species, ecfg.barcodes_per_species)]]
+    ident = {split: [str(p) for p in
+                     arr.processid[select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)]]
              for split, arr in data.splits.items()}
     payload = json.dumps({"evaluate": asdict(ecfg), "records": ident, "train": len(data.train)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

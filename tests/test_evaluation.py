@@ -160,3 +160,13 @@ def test_trait_errors():
     assert e["body_size"] == pytest.approx(0.25) and e["wing_hue"] == pytest.approx(0.5)
     assert "extra" not in e
     assert e["mean_normalised_error"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_select_barcodes_per_species_and_max_species():
+    from pipelines.evaluate import select_barcodes
+
+    species = np.array(["b", "a", "b", "c", "a", "d", "e"], dtype=object)
+    assert select_barcodes(species, 1).tolist() == [1, 0, 3, 5, 6]  # first record of a, b, c, d, e
+    assert select_barcodes(species, 2).tolist() == [1, 4, 0, 2, 3, 5, 6]
+    assert sorted(select_barcodes(species, 0).tolist()) == list(range(7))
+    assert species[select_barcodes(species, 1, max_species=3)].tolist() == ["a", "c", "e"]
