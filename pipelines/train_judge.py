@@ -232,6 +232,15 @@ def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, 
         perm = np.random.default_rng(0).permutation(len(arrays))
         out[f"{prefix}_score_true_pairs"] = float((img * dna).sum(-1).mean())
         out[f"{prefix}_score_shuffled_pairs"] = float((img * dna[torch.as_tensor(perm)]).sum(-1).mean())
+    # robustness: the same real test images at half resolution (down, then up again: blurred),
+    # closer to what a sampler gives than the photos themselves
+    half = test.images.shape[-1] // 2
+    blurred = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(test.images.float(), size=half, mode="bilinear", antialias=True),
+        size=test.images.shape[-1], mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+    out.update({f"seen_half_res_{k}": v for k, v in species_retrieval(
+        judge.embed_images(blurred), test.species, judge.embed_barcodes(val.barcode), val.species).items()
+        if k in ("top1", "top5")})
     out["temperature"] = judge.temperature
     return out
 

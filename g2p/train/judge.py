@@ -44,7 +44,8 @@ def _batches(n: int, cfg: TrainConfig, rank: int, world_size: int, resume: dict 
 
 
 def augment(x: Tensor, g: torch.Generator, *, shift: float, color: float, blur: float) -> Tensor:
-    """Random shift (reflect-padded), brightness/contrast jitter and blur of (B, 3, S, S) in [-1, 1]."""
+    """Random shift (edge-padded), brightness/contrast jitter and, with probability ``blur``, a
+    resampling through a lower resolution, of (B, 3, S, S) in [-1, 1]."""
     b, _, s, _ = x.shape
     if shift > 0:
         p = max(1, int(round(shift * s)))
@@ -57,9 +58,10 @@ def augment(x: Tensor, g: torch.Generator, *, shift: float, color: float, blur: 
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * gain + mean + bias).clamp(-1, 1)
     if blur > 0:
-        k = torch.tensor([1.0, 2.0, 1.0])
-        k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
-        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.to(x), groups=3)
+        # resampled through a random lower resolution (50-90% of the side): the softness of a VAE decode
+        low = max(4, int(round(s * (0.5 + 0.4 * float(torch.rand((), generator=g))))))
+        blurred = F.interpolate(F.interpolate(x, size=low, mode="bilinear", antialias=True), size=s,
+                                mode="bilinear", align_corners=False)
         pick = (torch.rand(b, 1, 1, 1, generator=g) < blur).to(x)
         x = pick * blurred + (1 - pick) * x
     return x
