@@ -279,6 +279,20 @@ def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str 
 # ----------------------------------------------------------------------------
 
 
+def _code_digest() -> str:
+    import hashlib
+
+    import g2p.judge
+    import g2p.train.judge
+    import g2p.train.loop
+    import g2p.trait_reader
+
+    h = hashlib.sha256()
+    for module in (g2p.judge, g2p.trait_reader, g2p.train.judge, g2p.train.loop):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, ground_truth: str,
         metrics_dir: str, plots_dir: str, preset_name: str | None = None,
         storage_path: str | None = None) -> dict[str, Any]:
@@ -291,7 +305,11 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
     cfg = load_params(params, preset_name=preset_name) if Path(params).exists() else preset(preset_name or "default")
     scaling = load_ray_section(params)
     model_section = "judge" if stage == "train_judge" else "trait_reader"
-    key_json = json.dumps({s: getattr(cfg, s) for s in (model_section, stage)}, default=str, sort_keys=True)
+    # the run name also keys on the training code: a changed model or loop must not "resume" (i.e. reuse)
+    # a finished run of the old code under the same params
+    key = {s: getattr(cfg, s) for s in (model_section, stage)}
+    key["code"] = _code_digest()
+    key_json = json.dumps(key, default=str, sort_keys=True)
     extra_input = ground_truth if stage == "train_trait_reader" else None
     name = f"{stage}-{run_key(stage, key_json, data, extra_input, asdict(scaling))}"
     uri = tracking.tracking_uri()
