@@ -44,7 +44,7 @@ import torch
 
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
-from g2p.evaluation.vary import latitude_images, mutation_images
+from g2p.variation import mutation_series
 
 ROWS = M.ROWS
 GENERATED = ("no_aligner", "g2pdiffusion")
@@ -92,7 +92,7 @@ def select_barcodes(species: np.ndarray, per_species: int, max_species: int = 0)
 
 
 def true_traits(truth: pd.DataFrame, processids: np.ndarray) -> dict[str, np.ndarray]:
-    """The trait reader's targets from the synthetic ground truth of these records (``body_size`` = base x multiplier)."""
+    """The reader's targets from the synthetic ground truth of these records (body_size = base x multiplier)."""
     from g2p.trait_reader import targets_from_ground_truth
 
     return targets_from_ground_truth(truth.loc[[str(p) for p in processids]])
@@ -244,7 +244,12 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
 
 
 def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress, **generate_kw):
-    """Section 4.4: CLIBDScore against mutation rate; measured body size against latitude."""
+    """Section 4.4: CLIBDScore against mutation rate; measured body size against latitude.
+
+    For speed every (barcode, variant) goes through the sampler in full
+    batches, so variants do not share their starting noise here (``g2p vary``
+    grids do); the curves average over barcodes and samples.
+    """
     sel = select_barcodes(arr.species, 1)[: ecfg.vary_barcodes]
     barcodes = [arr.barcode[i] for i in sel]
     lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
@@ -252,18 +257,24 @@ def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth,
     n, rates, lats = ecfg.vary_samples, list(ecfg.mutation_rates), list(ecfg.latitudes)
     total = len(sel) * n * (len(rates) + (len(lats) if trait_reader is not None else 0))
     bar = _progress(total, "evaluate: variation", progress)
-    mut, _ = mutation_images(generator, barcodes, lat, lon, rates, n=n, seed=ecfg.seed, **generate_kw)  # (B, R, n, ...)
-    bar.update(len(sel) * n * len(rates))
+    b, r, chunk = len(barcodes), len(rates), max(1, 64 // n)
+    guided = generate_kw["guidance_scale"]
+    mutants = [mutation_series(bc_, rates, seed=ecfg.seed + i) for i, bc_ in enumerate(barcodes)]
+    mut = generate_rows(generator, [m[j] for m in mutants for j in range(r)], [x for x in lat for _ in rates],
+                        [x for x in lon for _ in rates], n, generate_kw.pop("guidance_scale"), ecfg.seed, chunk, bar,
+                        **generate_kw)
+    mut = mut.reshape(b, r, *mut.shape[1:])  # (B, R, n, 3, H, W)
     bc = judge.embed_barcodes(barcodes)
-    b, r = mut.shape[:2]
     emb = judge.embed_images(mut.reshape(b * r * n, *mut.shape[3:])).reshape(b, r, n, -1)
     score = (emb * bc[:, None, None, :]).sum(-1).numpy()  # against the *original* barcode
     out: dict[str, Any] = {"mutation_rates": rates, "score_by_rate": [float(x) for x in score.mean(axis=(0, 2))],
                            "num_barcodes": int(len(sel)), "samples_per_barcode": int(n)}
     art: dict[str, Any] = {"mutation": mut, "rates": rates}
     if trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ()):
-        li = latitude_images(generator, barcodes, lon, lats, n=n, seed=ecfg.seed, **generate_kw)  # (B, L, n, ...)
-        bar.update(len(sel) * n * len(lats))
+        li = generate_rows(generator, [x for x in barcodes for _ in lats], [la for _ in barcodes for la in lats],
+                           [0.0 if x is None else x for x in lon for _ in lats], n, guided, ecfg.seed, chunk, bar,
+                           **generate_kw)
+        li = li.reshape(b, len(lats), *li.shape[1:])  # (B, L, n, 3, H, W)
         size = trait_reader.predict(li.reshape(-1, *li.shape[3:]))["body_size"].reshape(b, len(lats), n)
         abs_lat = np.broadcast_to(np.abs(np.asarray(lats))[None, :, None], size.shape)
         group = np.broadcast_to(np.arange(b)[:, None, None], size.shape)
