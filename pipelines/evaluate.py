@@ -480,8 +480,10 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
     if "traits" in results:
         parts += ["## Gold standard: trait errors", "",
                   "Trait reader on each row's first image vs the synthetic ground truth of the barcode's record "
-                  "(mean absolute error; `mean_normalised_error` = mean over traits of MAE / the trait's spread "
-                  "across species; the ground-truth row is the reader's own error).", ""]
+                  "(hues: circular distance in turns; categoricals: error rate; others: absolute error; "
+                  "`mean_normalised_error` = mean over traits of the error / the error of a random other species' "
+                  "truth, so 1 = no better than another species, 0 = perfect; the ground-truth row is the "
+                  "reader's own error).", ""]
         for split, rows in results["traits"].items():
             names = {k for r in ROWS if r in rows for k in rows[r]}
             show = ["mean_normalised_error"] + [n for n in ("body_size", "body_hue", "wing_hue", "wing_type",
