@@ -288,7 +288,7 @@ class EvaluateConfig:
     """
 
     barcodes_per_species: int = 1
-    max_species: int = 0  # >0: only this many species per split (evenly spaced, sorted); accuracy still over all
+    max_species: int = 36  # >0: only this many species per split (evenly spaced, sorted); accuracy still over all
     num_samples: int = 10
     ks: tuple[int, ...] = (1, 5, 10)
     bootstrap_reps: int = 1000
@@ -438,7 +438,7 @@ def _paper() -> G2PConfig:
         train_judge=TrainConfig(steps=20_000, batch_size=128, lr=1e-4, warmup_steps=500),
         trait_reader=TraitReaderConfig(image_size=128, channels=(32, 64, 128, 256)),
         train_trait_reader=TrainConfig(steps=5_000, batch_size=128, lr=1e-3, warmup_steps=200),
-        evaluate=EvaluateConfig(barcodes_per_species=0, num_samples=100, ks=(1, 5, 10, 20, 50, 100),
+        evaluate=EvaluateConfig(barcodes_per_species=0, max_species=0, num_samples=100, ks=(1, 5, 10, 20, 50, 100),
                                 batch_barcodes=1, vary_barcodes=10, vary_samples=4),
     )
 

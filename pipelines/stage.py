@@ -49,6 +49,12 @@ def run_key(stage: str, cfg_json: str, data: str | Path, init_model: str | Path 
     h = hashlib.sha256(f"{stage}|{cfg_json}|{json.dumps(ray, sort_keys=True)}".encode())
     _digest(data, h)
     _digest(init_model, h)
+    # The code too: after a change to the model or the training driver, a finished
+    # Ray run of the old code must not be "resumed" (and its model copied).
+    root = Path(__file__).resolve().parent.parent
+    for f in sorted((root / "g2p").rglob("*.py")) + [root / "pipelines" / "ray_train.py", Path(__file__).resolve()]:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 

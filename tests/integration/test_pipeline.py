@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner")
+TRAIN_STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner",
+                "train_judge", "train_trait_reader")
 
 
 def run(*cmd: str, cwd: Path, env: dict[str, str]) -> str:
@@ -95,12 +96,20 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     parent = env["G2P_PIPELINE_RUN_ID"]
     runs = {r.data.tags["g2p.stage"]: r for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
-    assert set(runs) == set(TRAIN_STAGES)
-    for stage, r in runs.items():
+    assert set(runs) == {*TRAIN_STAGES, "evaluate", "register"}
+    for stage in TRAIN_STAGES:
+        r = runs[stage]
         assert r.info.status == "FINISHED" and len(client.get_metric_history(r.info.run_id, "loss")) == 4
         assert any(a.path == "model" for a in client.list_artifacts(r.info.run_id))
     for stage in ("train_diffusion", "train_aligner"):
         assert client.list_artifacts(runs[stage].info.run_id, "images"), stage
+
+    # evaluate wrote the tables; register made the first model champion
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert {"seen", "unseen"} <= set(metrics)
+    assert set(metrics["seen"]) >= {"ground_truth", "random", "no_aligner", "g2pdiffusion", "nearest_neighbour"}
+    champion = client.get_model_version_by_alias("g2pdiffusion", "champion")
+    assert champion.version == "1" and champion.tags
 
     # a sampling knob retrains nothing
     params = yaml.safe_load((repo / "params.yaml").read_text())
