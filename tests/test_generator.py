@@ -126,3 +126,18 @@ def test_cli_generate_writes_a_grid(trained, tmp_path: Path) -> None:
     assert rc == 0
     with Image.open(out) as im:
         assert im.size == (2 + 2 * 34, 2 + 2 * 34)
+
+
+def test_finetune_base_changes_and_saves_the_base_weights(tmp_path) -> None:
+    cfg = CFG.set("lora.finetune_base", True).set("train_diffusion.steps", 3)
+    data = two_species_arrays()
+    model = G2PDiffusion(cfg)
+    latents = stages.encode_latents(model, data.images)
+    before = model.denoiser.unet.conv_in.weight.detach().clone()
+    stages.train_diffusion(model, data, latents, cfg.train_diffusion, progress=False)
+    assert not torch.equal(model.denoiser.unet.conv_in.weight, before)  # the base trained, not only LoRA
+    loaded = G2PDiffusion.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.cfg.lora.finetune_base
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -205,3 +205,17 @@ def test_pooled_embedding_off_keeps_the_papers_unet():
     den = tiny_denoiser(cfg)
     add_lora(den.unet, cfg.lora)
     assert den.unet.class_embedding is None
+
+
+def test_finetune_base_trains_the_whole_unet_from_the_base():
+    cfg = tiny_config().set("lora.finetune_base", True)
+    den = tiny_denoiser(cfg).eval()
+    x, t, ctx, mask = _inputs(cfg)
+    with torch.no_grad():
+        before = den(x, t, ctx, mask)
+    add_lora(den.unet, cfg.lora)
+    with torch.no_grad():
+        assert torch.equal(den(x, t, ctx, mask), before)  # still starts at the base UNet
+    names = {n for n, _ in trainable_parameters(den)}
+    assert names == {n for n, _ in den.named_parameters()}  # base, adapter, pooled MLP, null context
+    assert any("lora_" in n for n in names) and "unet.conv_in.weight" in names

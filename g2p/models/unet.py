@@ -116,6 +116,7 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig, adapter_name: str = "d
     """Freeze the base UNet and inject a LoRA adapter (only its A/B matrices train).
 
     peft initialises B = 0, so the adapted UNet starts exactly at the base one.
+    With ``cfg.finetune_base`` the base weights train too (the whole UNet).
     """
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -130,6 +131,8 @@ def add_lora(unet: UNet2DConditionModel, cfg: LoRAConfig, adapter_name: str = "d
     )
     if cfg.pooled_embedding:
         add_pooled_embedding(unet)
+    if cfg.finetune_base:
+        unet.requires_grad_(True)
 
 
 def add_pooled_embedding(unet: UNet2DConditionModel) -> None:

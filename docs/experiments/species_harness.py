@@ -1,0 +1,75 @@
+"""Quick species-accuracy experiments: train_diffusion variants from models/train_base, judge eval."""
+import sys, time, json, dataclasses, argparse
+import numpy as np, torch
+sys.path.insert(0, "/work/main")
+torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
+from g2p.model import G2PDiffusion
+from g2p.generate import Generator
+from g2p.judge import Judge
+from g2p.train import stages
+from g2p.evaluation import metrics as M
+from pipelines.ray_train import load_data
+from pipelines.evaluate import select_barcodes
+
+def evaluate(model, judge, test, n=2, cfg_scale=3.0, steps=25, max_species=36, seed=0, guidance=0.0, tag=""):
+    gen = Generator(model)
+    sel = select_barcodes(test.species, 1, max_species)
+    bcs = [test.barcode[i] for i in sel]
+    lat = [float(test.lat[i]) if test.has_place[i] else None for i in sel]
+    lon = [float(test.lon[i]) if test.has_place[i] else None for i in sel]
+    t = time.time()
+    imgs = gen.generate(bcs, lat, lon, n=n, steps=steps, cfg_scale=cfg_scale, guidance_scale=guidance, seed=seed)
+    all_bc = judge.embed_barcodes(list(test.barcode))
+    names, protos = M.species_prototypes(all_bc.numpy(), test.species)
+    b, k = imgs.shape[:2]
+    emb = judge.embed_images(imgs.reshape(b * k, *imgs.shape[2:])).reshape(b, k, -1)
+    sp = np.repeat(test.species[sel], k)
+    hits = M.species_hits(emb.reshape(b * k, -1).numpy(), sp, names, protos)
+    bc = all_bc[torch.as_tensor(sel)]
+    sc = (emb * bc[:, None]).sum(-1).numpy()
+    out = {"tag": tag, "cfg": cfg_scale, "w": guidance, "species_acc": float(hits.mean()), "score": float(sc.mean()),
+           "sec": round(time.time() - t, 1)}
+    print(json.dumps(out), flush=True)
+    return out, imgs
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--init", default="/work/main/models/train_base")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--cfgs", default="3")
+    ap.add_argument("--save", default="")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--unfreeze", action="store_true")
+    a = ap.parse_args()
+    model = G2PDiffusion.from_pretrained(a.init)
+    cfg = model.cfg
+    for kv in a.set:
+        key, val = kv.split("=")
+        sec, name = key.split(".")
+        s = getattr(cfg, sec)
+        old = getattr(s, name)
+        v = json.loads(val) if not isinstance(old, str) else val
+        object.__setattr__(s, name, v) if dataclasses.is_dataclass(s) else setattr(s, name, v)
+    judge = Judge.from_pretrained("/work/main/models/judge")
+    test = load_data("/work/main/outputs/prepared/test.safetensors", ["test"], cfg.vae.image_size)
+    if not a.eval_only:
+        train = load_data("/work/main/outputs/prepared/train.safetensors", ["train"], cfg.vae.image_size)
+        lat = stages.encode_latents(model, train.images)
+        if a.unfreeze:
+            orig = model.add_lora
+            def add_lora_all():
+                orig()
+                for p in model.denoiser.parameters():
+                    p.requires_grad_(True)
+            model.add_lora = add_lora_all
+        tc = dataclasses.replace(cfg.train_diffusion, steps=a.steps, lr=a.lr)
+        t = time.time()
+        stages.train_diffusion(model, train, lat, tc, progress=False)
+        print("train s", round(time.time() - t), flush=True)
+        if a.save:
+            model.save_pretrained(a.save)
+    for c in [float(x) for x in a.cfgs.split(",")]:
+        evaluate(model, judge, test, cfg_scale=c, tag=a.tag)
