@@ -218,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lat", type=float, default=None)
     g.add_argument("--lon", type=float, default=None)
     g.add_argument("--n", type=int, default=4, help="number of images")
-    g.add_argument("--steps", type=int, default=25, help="sampling steps")
-    g.add_argument("--guidance-scale", type=float, default=1.0, help="aligner guidance w (0 = off)")
-    g.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = off)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's sampling.steps)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="aligner guidance w, 0 = off (default: the checkpoint's sampling.guidance_scale)")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance, 1 = off (default: the checkpoint's sampling.cfg_scale)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.set_defaults(func=cmd_generate)

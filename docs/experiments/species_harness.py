@@ -1,7 +1,9 @@
 """Quick species-accuracy experiments: train_diffusion variants from models/train_base, judge eval."""
 import sys, time, json, dataclasses, argparse
+from pathlib import Path
 import numpy as np, torch
-sys.path.insert(0, "/work/main")
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+sys.path.insert(0, str(ROOT))
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
 from g2p.model import G2PDiffusion
 from g2p.generate import Generator
@@ -34,7 +36,7 @@ def evaluate(model, judge, test, n=2, cfg_scale=3.0, steps=25, max_species=36, s
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--init", default="/work/main/models/train_base")
+    ap.add_argument("--init", default=str(ROOT / "models/train_base"))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--set", nargs="*", default=[])
@@ -42,29 +44,24 @@ if __name__ == "__main__":
     ap.add_argument("--cfgs", default="3")
     ap.add_argument("--save", default="")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--unfreeze", action="store_true")
+    ap.add_argument("--lora-only", action="store_true", help="lora.finetune_base=false (the old default)")
     a = ap.parse_args()
     model = G2PDiffusion.from_pretrained(a.init)
+    for kv in a.set:  # e.g. diffusion.timestep_sampling=logit_normal
+        key, val = kv.split("=", 1)
+        try:
+            value = json.loads(val)
+        except json.JSONDecodeError:
+            value = val
+        model.cfg = model.cfg.set(key, value)
     cfg = model.cfg
-    for kv in a.set:
-        key, val = kv.split("=")
-        sec, name = key.split(".")
-        s = getattr(cfg, sec)
-        old = getattr(s, name)
-        v = json.loads(val) if not isinstance(old, str) else val
-        object.__setattr__(s, name, v) if dataclasses.is_dataclass(s) else setattr(s, name, v)
-    judge = Judge.from_pretrained("/work/main/models/judge")
-    test = load_data("/work/main/outputs/prepared/test.safetensors", ["test"], cfg.vae.image_size)
+    judge = Judge.from_pretrained(f"{ROOT}/models/judge")
+    test = load_data(f"{ROOT}/outputs/prepared/test.safetensors", ["test"], cfg.vae.image_size)
     if not a.eval_only:
-        train = load_data("/work/main/outputs/prepared/train.safetensors", ["train"], cfg.vae.image_size)
+        train = load_data(f"{ROOT}/outputs/prepared/train.safetensors", ["train"], cfg.vae.image_size)
         lat = stages.encode_latents(model, train.images)
-        if a.unfreeze:
-            orig = model.add_lora
-            def add_lora_all():
-                orig()
-                for p in model.denoiser.parameters():
-                    p.requires_grad_(True)
-            model.add_lora = add_lora_all
+        # the whole UNet trains unless --lora-only (lora.finetune_base, default on)
+        model.cfg = model.cfg.set("lora.finetune_base", not a.lora_only)
         tc = dataclasses.replace(cfg.train_diffusion, steps=a.steps, lr=a.lr)
         t = time.time()
         stages.train_diffusion(model, train, lat, tc, progress=False)
