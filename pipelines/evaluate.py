@@ -31,7 +31,6 @@ nested MLflow run under the pipeline's parent (``--no-mlflow`` to skip).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import time
@@ -46,9 +45,9 @@ import torch
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
 from g2p.variation import mutation_series
+from pipelines.eval_report import GENERATED, write_figures, write_plots, write_report
 
 ROWS = M.ROWS
-GENERATED = ("no_aligner", "g2pdiffusion")
 
 
 @dataclass
@@ -316,205 +315,8 @@ def eval_config_hash(ecfg, data: EvalData) -> str:
 
 
 # ----------------------------------------------------------------------------
-# outputs: plots, figures, report
+# MLflow and the stage
 # ----------------------------------------------------------------------------
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def write_plots(results: dict[str, Any], art: dict[str, Any], out: Path) -> list[Path]:
-    grid, dt, ds = art["densities"]
-    keep = (dt > 1e-4) | (ds > 1e-4)
-    files = [out / "plots" / n for n in ("densities.csv", "topk.csv", "mutation.csv", "latitude.csv")]
-    _write_csv(files[0], ["score", "true_pairs", "shuffled_pairs"],
-               [[round(float(g), 4), float(a), float(b)] for g, a, b in zip(grid[keep], dt[keep], ds[keep])])
-    topk: dict[int, dict[str, float]] = {}
-    for r in art["topk"]:
-        topk.setdefault(r["k"], {})[f"{r['split']}_{r['row']}"] = r["success"]
-    cols = sorted({c for v in topk.values() for c in v})
-    _write_csv(files[1], ["k", *cols], [[k, *[topk[k].get(c) for c in cols]] for k in sorted(topk)])
-    v = results["variation"]
-    _write_csv(files[2], ["mutation_rate", "score"], [[r, s] for r, s in zip(v["mutation_rates"], v["score_by_rate"])])
-    if "latitudes" in v:
-        _write_csv(files[3], ["latitude", "body_size"],
-                   [[la, s] for la, s in zip(v["latitudes"], v["body_size_by_latitude"])])
-    else:
-        files.pop()
-    return files
-
-
-def write_figures(results: dict[str, Any], art: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from g2p.generate import grid as image_grid
-
-    figdir = out / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
-    figs: dict[str, Path] = {}
-    grid, dt, ds = art["densities"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(grid, dt, label="true pairs")
-    ax.plot(grid, ds, label="shuffled pairs")
-    ax.axvline(results["threshold"]["value"], color="k", ls="--",
-               label=f"threshold {results['threshold']['value']:.3f}")
-    ax.set_xlabel("CLIBDScore (judge cosine)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figs["densities"] = figdir / "densities.png"
-    fig.savefig(figs["densities"], dpi=110)
-    plt.close(fig)
-
-    splits = [s for s in ("seen", "unseen") if s in results]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.2), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        for row in ROWS:
-            pts = [(r["k"], r["success"]) for r in art["topk"] if r["split"] == split and r["row"] == row]
-            ax.plot(*zip(*pts), marker="o", label=row)
-        ax.set_xscale("log")
-        ax.set_title(f"{split} species")
-        ax.set_xlabel("k (best of k)")
-        ax.set_ylabel("success@k")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    figs["topk"] = figdir / "topk.png"
-    fig.savefig(figs["topk"], dpi=110)
-    plt.close(fig)
-
-    v = results["variation"]
-    n_pan = 2 if "latitudes" in v else 1
-    fig, axes = plt.subplots(1, n_pan, figsize=(5 * n_pan, 3.2), squeeze=False)
-    axes[0][0].plot(v["mutation_rates"], v["score_by_rate"], marker="o")
-    axes[0][0].set_xlabel("barcode mutation rate")
-    axes[0][0].set_ylabel("CLIBDScore vs the original barcode")
-    if n_pan == 2:
-        axes[0][1].plot(v["latitudes"], v["body_size_by_latitude"], marker="o")
-        axes[0][1].set_xlabel("latitude")
-        axes[0][1].set_ylabel("measured body size")
-        axes[0][1].set_title(f"slope {v['bergmann_slope']}/deg (truth {v['bergmann_truth']})", fontsize=9)
-    fig.tight_layout()
-    figs["variation"] = figdir / "variation.png"
-    fig.savefig(figs["variation"], dpi=110)
-    plt.close(fig)
-
-    # sample sheets: per species a row of GT | NN | random | no_aligner x2 | g2pdiffusion x2
-    for split, s in art["samples"].items():
-        ims = s["images"]
-        m = min(6, len(s["species"]))
-        cols = [ims["ground_truth"][:m, 0], ims["nearest_neighbour"][:m, 0], ims["random"][:m, 0]]
-        for row in GENERATED:
-            cols += [ims[row][:m, j] for j in range(min(2, ims[row].shape[1]))]
-        sheet = torch.stack(cols, dim=1).reshape(-1, *cols[0].shape[1:])
-        figs[f"samples_{split}"] = figdir / f"samples_{split}.png"
-        image_grid(sheet, ncols=len(cols)).save(figs[f"samples_{split}"])
-    va = art["variation"]
-    mut = va["mutation"][:, :, 0]  # (B, R, 3, H, W)
-    figs["vary_mutation"] = figdir / "vary_mutation.png"
-    image_grid(mut.reshape(-1, *mut.shape[2:]), ncols=mut.shape[1]).save(figs["vary_mutation"])
-    if "latitude" in va:
-        li = va["latitude"][:, :, 0]
-        figs["vary_latitude"] = figdir / "vary_latitude.png"
-        image_grid(li.reshape(-1, *li.shape[2:]), ncols=li.shape[1]).save(figs["vary_latitude"])
-    return figs
-
-
-PAPER = {"seen": {"g2pdiffusion": {"score@1": 0.182, "success@1": 0.317, "relative_score@1": 0.356},
-                  "random": {"score@1": 0.005, "success@1": 0.044}},
-         "unseen": {"g2pdiffusion": {"score@1": 0.081, "success@1": 0.088}}}
-
-
-def _fmt_rate(m: dict[str, float], key: str) -> str:
-    return f"{100 * m[key]:.1f}% [{100 * m[key + '_low']:.1f}, {100 * m[key + '_high']:.1f}]"
-
-
-def markdown_table(results: dict[str, Any], split: str, ks: list[int]) -> str:
-    """One paper-style table (Table 1 / 2) for ``split``."""
-    head = (["Row"] + [f"score@{k}" for k in ks] + [f"relative@{k}" for k in ks]
-            + [f"success@{k} [95% CI]" for k in ks] + ["species acc. [95% CI]"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in ROWS:
-        m = results[split][row]
-        cells = ([row] + [f"{m[f'score@{k}']:.3f}" for k in ks] + [f"{m[f'relative_score@{k}']:.3f}" for k in ks]
-                 + [_fmt_rate(m, f"success@{k}") for k in ks] + [_fmt_rate(m, "species_accuracy")])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: list[int],
-                 info: dict[str, Any]) -> Path:
-    t = results["threshold"]
-    parts = ["# Evaluation report", "",
-             f"Model `{info.get('model')}`, judge `{info.get('judge')}`, trait reader `{info.get('trait_reader')}`; "
-             f"eval config hash `{results['eval_config_hash'][:16]}`; {results['seconds']} s.", "",
-             "Scores are the judge's CLIBDScore (cosine of image and barcode embeddings). Top-k is best of k "
-             "images per barcode and place; relative score = mean score@k / mean ground-truth score on the same "
-             "barcodes (the paper's reading: 0.182 / 0.512 = 0.356). The ground-truth row is one real image: "
-             "its best-of-k is that image at every k. Intervals: 95% bootstrap over barcodes. Species accuracy: "
-             "share of each row's images (all k per barcode) whose closest species (mean barcode embedding over "
-             "the split's test records) is its own; chance = 1 / number of species.", "",
-             f"Success threshold (densities of true and shuffled training pairs cross): **{t['value']:.3f}** "
-             f"(true pairs mean {t['true_pairs_mean']:.3f}, shuffled {t['shuffled_pairs_mean']:.3f}, "
-             f"{t['num_pairs']} pairs; paper with CLIBD: 0.255, 0.513, 0.004).", "",
-             f"![densities](figures/{figs['densities'].name})", ""]
-    for split, title in (("seen", "Table 1: seen species (test)"), ("unseen", "Table 2: unseen species (test_unseen)")):
-        if split not in results:
-            continue
-        s = results[split]
-        j = results["judge"][split]
-        parts += [f"## {title}", "",
-                  f"{s['num_barcodes']} barcodes, {s['num_species']} species (chance {1 / s['num_species']:.3f}); "
-                  f"judge's own species accuracy on all {j['num_images']} real test images: "
-                  f"{100 * j['species_accuracy']:.1f}%. Nearest neighbour's closest training record is the "
-                  f"same species for {100 * s['nearest_neighbour']['same_species_share']:.1f}% of barcodes.", "",
-                  markdown_table(results, split, ks), ""]
-        if f"samples_{split}" in figs:
-            parts += [f"Samples (per row: ground truth, nearest neighbour, random, no aligner x2, G2PDiffusion x2):",
-                      "", f"![samples {split}](figures/{figs[f'samples_{split}'].name})", ""]
-    parts += [f"![top-k](figures/{figs['topk'].name})", ""]
-    if "traits" in results:
-        parts += ["## Gold standard: trait errors", "",
-                  "Trait reader on each row's first image vs the synthetic ground truth of the barcode's record "
-                  "(hues: circular distance in turns; categoricals: error rate; others: absolute error; "
-                  "`mean_normalised_error` = mean over traits of the error / the error of a random other species' "
-                  "truth, so 1 = no better than another species, 0 = perfect; the ground-truth row is the "
-                  "reader's own error).", ""]
-        for split, rows in results["traits"].items():
-            names = {k for r in ROWS if r in rows for k in rows[r]}
-            show = ["mean_normalised_error"] + [n for n in ("body_size", "body_hue", "wing_hue", "wing_type",
-                                                            "pattern_kind", "wing_length") if n in names]
-            parts += [f"**{split}**", "", "| Row | " + " | ".join(show) + " |", "|---|" + "---|" * len(show)]
-            parts += ["| " + " | ".join([row] + [f"{rows[row].get(c, float('nan')):.3f}" for c in show]) + " |"
-                      for row in ROWS if row in rows]
-            base = rows.get("random_species_truth", {})
-            parts += ["| (truth of a random other species) | 1.000 | "
-                      + " | ".join(f"{base.get(c, float('nan')):.3f}" for c in show[1:]) + " |", ""]
-    v = results["variation"]
-    parts += ["## Variation (section 4.4)", "",
-              "CLIBDScore of images generated from mutated barcodes, scored against the original barcode: "
-              + ", ".join(f"{r:.0%}: {s:.3f}" for r, s in zip(v["mutation_rates"], v["score_by_rate"])) + "."]
-    if "bergmann_slope" in v:
-        parts += ["", f"Body size measured by the trait reader against latitude: fitted relative slope "
-                      f"**{v['bergmann_slope']}** per degree of |latitude| (synthetic truth's Bergmann "
-                      f"coefficient {v['bergmann_truth']}; the same fit on real test images: "
-                      f"{v['bergmann_slope_real_images']})."]
-    parts += ["", f"![variation](figures/{figs['variation'].name})", "",
-              f"Mutation grid (rows: barcodes; columns: rates {v['mutation_rates']}):", "",
-              f"![mutation](figures/{figs['vary_mutation'].name})", ""]
-    if "vary_latitude" in figs:
-        parts += [f"Latitude grid (columns: {v.get('latitudes')}):", "",
-                  f"![latitude](figures/{figs['vary_latitude'].name})", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
-    return path
 
 
 def _mlflow_key(k: str) -> str:
