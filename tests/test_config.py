@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2p.config import PRESETS, ConfigError, G2PConfig, load_params, preset
+from g2p.config import ConfigError, G2PConfig, load_params, preset
+from g2p.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
