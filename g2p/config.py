@@ -2,8 +2,9 @@
 
 Each section is a frozen dataclass and a top-level key of ``params.yaml``.
 Presets (``tiny``, ``default``, ``paper``) are values of :class:`G2PConfig`
-(:mod:`g2p.presets`), never separate code paths. Loading is strict: an unknown key or a value of the
-wrong type is a :class:`ConfigError` naming the dotted key.
+(:mod:`g2p.presets`), never separate code paths. Loading is strict: an
+unknown key or a value of the wrong type is a :class:`ConfigError` naming the
+dotted key.
 """
 
 from __future__ import annotations
