@@ -12,9 +12,7 @@ from typing import Any
 
 import torch
 
-from g2p.evaluation.metrics import ROWS
-
-GENERATED = ("no_aligner", "g2pdiffusion")
+from g2p.evaluation.metrics import GENERATED, ROWS
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -45,9 +45,10 @@ import torch
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
 from g2p.variation import mutation_series
-from pipelines.eval_report import GENERATED, write_figures, write_plots, write_report
+from pipelines.eval_report import write_figures, write_plots, write_report
 
 ROWS = M.ROWS
+GENERATED = M.GENERATED
 
 
 @dataclass

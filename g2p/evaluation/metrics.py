@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 ROWS = ("ground_truth", "random", "no_aligner", "g2pdiffusion", "nearest_neighbour")
+GENERATED = ("no_aligner", "g2pdiffusion")  # the rows whose images the sampler makes
 
 
 def _2d(scores: np.ndarray, name: str = "scores") -> np.ndarray:
