@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from g2p.variation import LATITUDES, MUTATION_RATES
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing or of the wrong type."""
@@ -250,15 +252,37 @@ class TraitReaderConfig:
     aug_blur: float = 0.3
 
 
+# The sampling schedulers ``sampling.scheduler`` names (diffusers classes in g2p.pipeline.SCHEDULERS).
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpmsolver++", "unipc", "euler")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    """Sampling defaults a saved pipeline carries; diffusers' names (``guidance_scale`` is CFG)."""
+
+    scheduler: Literal["ddim", "ddpm", "dpmsolver++", "unipc", "euler"] = "ddim"
     steps: int = 25
     # The default preset's scales were chosen on its trained model with the judge's species
     # accuracy (docs/experiments/README.md); the paper preset keeps w = 1, cfg 3.
-    guidance_scale: float = 5.0  # aligner guidance w (0 = none)
-    cfg_scale: float = 5.0  # classifier-free guidance (1 = none)
+    guidance_scale: float = 5.0  # classifier-free guidance (1 = none), as in every diffusers pipeline
+    aligner_guidance_scale: float = 5.0  # the paper's aligner strength w (0 = none)
     negative_bank_size: int = 64
+
+
+def migrate_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict of before the diffusers vocabulary, in today's names.
+
+    Until checkpoints of the G2PDiffusionPipeline layout, ``sampling.guidance_scale``
+    was the aligner's w and ``sampling.cfg_scale`` classifier-free guidance.
+    """
+    s = d.get("sampling")
+    if isinstance(s, dict) and "cfg_scale" in s:
+        s = dict(s)
+        w = s.pop("guidance_scale", SamplingConfig.aligner_guidance_scale)
+        s["guidance_scale"] = s.pop("cfg_scale")
+        s["aligner_guidance_scale"] = w
+        d = {**d, "sampling": s}
+    return d
 
 
 @dataclass(frozen=True)
@@ -309,8 +333,8 @@ class EvaluateConfig:
     batch_barcodes: int = 6
     vary_barcodes: int = 4
     vary_samples: int = 1
-    mutation_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-    latitudes: tuple[float, ...] = (-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0)
+    mutation_rates: tuple[float, ...] = MUTATION_RATES
+    latitudes: tuple[float, ...] = LATITUDES
 
 
 @dataclass(frozen=True)

@@ -261,3 +261,16 @@ _FAST_KWARGS = frozenset(
 def build_tokenizer(cfg: TokenizerConfig) -> KmerTokenizer:
     """The tokenizer of a :class:`g2p.config.TokenizerConfig`."""
     return KmerTokenizer(k=cfg.k, stride=cfg.stride, max_nucleotides=cfg.max_nucleotides)
+
+
+def _register_with_auto_classes() -> None:
+    """``AutoTokenizer.from_pretrained(folder)`` finds ``KmerTokenizer`` by its ``tokenizer_class`` name."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    class KmerTokenizerConfig(PretrainedConfig):
+        model_type = "g2p_kmer"
+
+    AutoTokenizer.register(KmerTokenizerConfig, tokenizer_class=KmerTokenizer, exist_ok=True)
+
+
+_register_with_auto_classes()

@@ -1,7 +1,7 @@
 """The noise schedule (paper eqs. 3-5) on diffusers' schedulers.
 
 One :class:`DiffusionConfig` fixes the betas; the training scheduler (DDPM)
-and the sampling scheduler (DDIM or DDPM, ``SamplingConfig.scheduler``) are
+and the sampling scheduler (``SamplingConfig.scheduler``: DDIM, DDPM, DPM-Solver++, UniPC, Euler) are
 built from it, so ``alphas_cumprod`` -- the paper's gamma_t -- is the same
 table in training, in the aligner's noisy inputs and in guided sampling.
 """
@@ -9,15 +9,25 @@ table in training, in the aligner's noisy inputs and in guided sampling.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from g2p.config import ConfigError, DiffusionConfig, SamplingConfig
+from g2p.config import SCHEDULER_NAMES, ConfigError, DiffusionConfig, SamplingConfig
 
-__all__ = ["build_train_scheduler", "build_sampling_scheduler", "add_noise", "sample_timesteps", "randn_like"]
+__all__ = ["SCHEDULERS", "build_train_scheduler", "build_sampling_scheduler", "add_noise", "sample_timesteps", "randn_like"]
 
-_SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# ``sampling.scheduler`` names -> (diffusers class, settings on top of the training betas).
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": False, "clip_sample": False}),
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
 def _common(cfg: DiffusionConfig) -> dict:
@@ -27,28 +37,28 @@ def _common(cfg: DiffusionConfig) -> dict:
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type,
-        clip_sample=False,  # latents are not bounded to [-1, 1]
     )
 
 
 def build_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """The forward process q(X_t | X_0) used for training the UNet and the aligner."""
     try:
-        return DDPMScheduler(**_common(cfg))
+        return DDPMScheduler(**_common(cfg), clip_sample=False)  # latents are not bounded to [-1, 1]
     except NotImplementedError as e:
         raise ConfigError(f"diffusion.beta_schedule: {e}") from None
 
 
-def build_sampling_scheduler(cfg: DiffusionConfig, sampling: SamplingConfig) -> SchedulerMixin:
-    """The reverse-process scheduler, on the same betas as training.
+def build_sampling_scheduler(cfg: DiffusionConfig, name: str | SamplingConfig) -> SchedulerMixin:
+    """The reverse-process scheduler ``name`` (``sampling.scheduler``) on the training betas.
 
-    DDIM uses Stable Diffusion's settings (``steps_offset=1``,
-    ``set_alpha_to_one=False``) and eta = 0 (deterministic given X_T).
+    DDIM and DDPM use "trailing" timestep spacing, so 25 steps start at
+    t = 999 (diffusers' default "leading" starts at 961); DDIM at eta = 0 is
+    deterministic given X_T. DPM-Solver++ is second order, multistep.
     """
-    kind = _SAMPLERS.get(sampling.scheduler)
-    if kind is None:
-        raise ConfigError(f"sampling.scheduler: {sampling.scheduler!r} is not one of {sorted(_SAMPLERS)}")
-    extra = dict(steps_offset=1, set_alpha_to_one=False) if kind is DDIMScheduler else {}
+    name = name.scheduler if isinstance(name, SamplingConfig) else name
+    if name not in SCHEDULERS:
+        raise ConfigError(f"sampling.scheduler: {name!r} is not one of {list(SCHEDULERS)}")
+    kind, extra = SCHEDULERS[name]
     try:
         return kind(**_common(cfg), **extra)
     except NotImplementedError as e:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from g2p.config import G2PConfig
+from g2p.config import G2PConfig, migrate_legacy
 
 CONFIG_KEY = "g2p_config"
 COMPONENT_KEY = "component"
@@ -57,7 +57,7 @@ def config_from_checkpoint(path: str | Path) -> G2PConfig:
     meta = read_metadata(path)
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path}: not a g2p checkpoint (no {CONFIG_KEY!r} in its metadata)")
-    return G2PConfig.from_json(meta[CONFIG_KEY])
+    return G2PConfig.from_dict(migrate_legacy(json.loads(meta[CONFIG_KEY])))
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
