@@ -8,7 +8,7 @@ each stage's own ``TrainConfig`` batch size, in pipeline order:
 
 A training step is one ``fit`` step (forward, backward, clipping, AdamW,
 EMA where the stage has one), timed between consecutive ``on_step`` hooks
-after a warm-up step. Sampling is ``Generator.generate`` with 25 DDIM steps
+after a warm-up step. Sampling is the ``G2PDiffusionPipeline`` with 25 DDIM steps
 and CFG 3, unguided (w = 0) and aligner-guided (w = 1), VAE decoding
 included, reported per image; the two are timed alternately in one run, so
 that load from other processes hits both alike, and the ratio guided /
@@ -50,7 +50,7 @@ import torch
 
 from g2p.config import G2PConfig, TrainConfig, preset
 from g2p.data.dataset import Arrays
-from g2p.generate import Generator
+from g2p.pipeline import G2PDiffusionPipeline, generate_uint8
 from g2p.model import G2PDiffusion
 from g2p.train import stages
 from g2p.train.loop import Hooks
@@ -138,7 +138,7 @@ def time_training(run: Callable[[TrainConfig, Hooks, int], object], cfg: TrainCo
     return float(gaps[:, 0].min()), float(np.median(gaps[:, 0])), float(np.median(gaps[:, 1])), _peak_rss_mib()
 
 
-def time_sampling(gen: Generator, data: Arrays, conditions: int, per_condition: int,
+def time_sampling(pipe: G2PDiffusionPipeline, data: Arrays, conditions: int, per_condition: int,
                   repeats: int) -> dict[str, tuple[float, float, float, float]]:
     """Best and median wall, median CPU seconds per image over ``repeats``, and peak RSS, unguided and guided.
 
@@ -151,13 +151,14 @@ def time_sampling(gen: Generator, data: Arrays, conditions: int, per_condition: 
     cpu: dict[str, list[float]] = {k: [] for k in scales}
     peaks: dict[str, float] = {}
     for name, w in scales.items():  # warm-up
-        gen.generate(*args, n=per_condition, steps=2, guidance_scale=w, cfg_scale=CFG_SCALE)
+        generate_uint8(pipe, *args, per_condition, num_inference_steps=2, aligner_guidance_scale=w,
+                       guidance_scale=CFG_SCALE)
     for r in range(repeats):
         for name, w in scales.items():
             _reset_peak()
             t0, c0 = time.perf_counter(), time.process_time()
-            gen.generate(*args, n=per_condition, steps=SAMPLING_STEPS, guidance_scale=w,
-                         cfg_scale=CFG_SCALE, seed=r)
+            generate_uint8(pipe, *args, per_condition, seed=r, num_inference_steps=SAMPLING_STEPS,
+                           aligner_guidance_scale=w, guidance_scale=CFG_SCALE)
             times[name].append((time.perf_counter() - t0) / (conditions * per_condition))
             cpu[name].append((time.process_time() - c0) / (conditions * per_condition))
             peaks[name] = max(peaks.get(name, 0.0), _peak_rss_mib())
@@ -200,7 +201,7 @@ def bench_preset(name: str, *, warmup: int = 1, steps: int = 8, conditions: int 
           lambda tc, h, u: stages.train_diffusion(model, data, latents, tc, hooks=h, until=u, **kw))
     train("aligner", cfg.train_aligner,
           lambda tc, h, u: stages.train_aligner(model, data, latents, tc, hooks=h, until=u, **kw))
-    sampled = time_sampling(Generator(model), data, conditions, per_condition, repeats)
+    sampled = time_sampling(G2PDiffusionPipeline.from_model(model), data, conditions, per_condition, repeats)
     for piece, (best, median, cpu, peak) in sampled.items():
         add(piece, conditions * per_condition, best, median, cpu, "image", peak)
     return rows

@@ -318,8 +318,9 @@ class EvaluateConfig:
     paper's full tables: ``barcodes_per_species: 0``, ``num_samples: 100``,
     ``ks: [1, 5, 10, 20, 50, 100]`` (the ``paper`` preset). The success
     threshold comes from ``threshold_pairs`` training records (0: all).
-    ``batch_barcodes`` barcodes go through the sampler at once (chunk c uses
-    seed ``seed + c`` in both generated rows). Variation: ``vary_barcodes``
+    ``batch_barcodes`` barcodes go through the pipeline at once; image j of
+    barcode i is seeded ``image_seed(seed, i, j)`` in both generated rows, so
+    they are paired sample for sample. Variation: ``vary_barcodes``
     seen barcodes x ``vary_samples`` images per mutation rate and latitude.
     """
 

@@ -7,7 +7,7 @@
 A model saves to and loads from a folder of self-describing safetensors
 (:mod:`g2p.train.checkpoint`: each file carries the config), with the LoRA
 adapter also exported in diffusers' format under ``lora/``; training stages
-live in :mod:`g2p.train.stages`, sampling in :mod:`g2p.generate`.
+live in :mod:`g2p.train.stages`, sampling in :mod:`g2p.pipeline` (``G2PDiffusionPipeline.from_model(model)``).
 """
 
 from __future__ import annotations

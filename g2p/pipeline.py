@@ -62,7 +62,7 @@ from g2p.models.vae import decode
 from g2p.tokenizer import KmerTokenizer, max_tokens
 
 __all__ = ["G2PDiffusionPipeline", "G2PDiffusionPipelineOutput", "ConditionerModel", "AlignerModel",
-           "SCHEDULERS", "build_scheduler", "check_scheduler", "load_pipeline"]
+           "SCHEDULERS", "build_scheduler", "check_scheduler", "current_alpha_bar", "load_pipeline"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -130,6 +130,16 @@ def alpha_bar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
     log_sigma = (((1 - ac) / ac).sqrt()).log()
     ls = (1 - frac) * log_sigma[lo] + frac * log_sigma[hi]
     return (1.0 / (1.0 + (2 * ls).exp())).float()
+
+
+def current_alpha_bar(scheduler: SchedulerMixin, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """gamma_t of the step being taken: from the scheduler's own sigma where it keeps one
+    (gamma = 1 / (1 + sigma^2), the VP <-> sigma-space relation), else from the table at t."""
+    idx, sigmas = getattr(scheduler, "step_index", None), getattr(scheduler, "sigmas", None)
+    if idx is not None and sigmas is not None and idx < len(sigmas):
+        sigma = sigmas[idx].double()
+        return (1.0 / (1.0 + sigma**2)).float().reshape(1)
+    return alpha_bar_at(alphas_cumprod, t.reshape(1))
 
 
 # ----------------------------------------------------------------------------
@@ -382,7 +392,7 @@ class G2PDiffusionPipeline(DiffusionPipeline):
             if cond_fn is not None:
                 tt = t.reshape(-1).expand(num).to(self.device)
                 grad = cond_fn(x_in.to(self.aligner.dtype), tt, c.to(self.aligner.dtype))  # (N, C, h, w)
-                eps = condition_score(eps, grad.to(eps.dtype), alpha_bar_at(alphas_cumprod, t.reshape(1)), w)
+                eps = condition_score(eps, grad.to(eps.dtype), current_alpha_bar(sched, t, alphas_cumprod), w)
             x = sched.step(eps, t, x, **step_kw).prev_sample
         # 5. decode
         if output_type == "latent":
@@ -423,6 +433,8 @@ class G2PDiffusionPipeline(DiffusionPipeline):
             cfg = cfg.set("sampling.scheduler", scheduler)
         pipe = cls(tokenizer=copy.deepcopy(model.tokenizer), conditioner=cond, vae=vae, unet=unet, aligner=aligner,
                    scheduler=sched, g2p_config=cfg.to_dict())
+        for part in (cond, vae, unet, aligner):
+            part.eval()
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(model.device) if hasattr(model, "device") else pipe
 

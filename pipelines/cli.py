@@ -110,25 +110,47 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from g2p.generate import Generator, save_grid
+def _knobs(args: argparse.Namespace) -> dict:
+    """The pipeline's sampling knobs from the CLI (None: the model's saved defaults)."""
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+            "aligner_guidance_scale": args.aligner_guidance_scale}
 
-    gen = Generator.from_checkpoint(args.checkpoint)
-    images = gen.generate(
-        [args.barcode], [args.lat], [args.lon], n=args.n, steps=args.steps,
-        guidance_scale=args.guidance_scale, cfg_scale=args.cfg_scale, seed=args.seed,
-    )
-    save_grid(images[0], Path(args.out))
+
+def _pipeline(path: str, scheduler: str | None):
+    from g2p.pipeline import load_pipeline
+
+    pipe = load_pipeline(path)
+    return pipe.with_scheduler(scheduler) if scheduler else pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from g2p.images import save_grid
+    from g2p.pipeline import images_uint8
+
+    pipe = _pipeline(args.checkpoint, args.scheduler)
+    out = pipe(args.barcode, args.lat, args.lon, num_images_per_barcode=args.n,
+               generator=torch.Generator().manual_seed(args.seed), output_type="pt", **_knobs(args))
+    save_grid(images_uint8(out.images), Path(args.out))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from g2p.pipeline import convert_checkpoint
+
+    convert_checkpoint(args.old, args.new)
+    print(f"wrote {args.new} (G2PDiffusionPipeline layout: model_index.json + one folder per component)")
     return 0
 
 
 def cmd_vary(args: argparse.Namespace) -> int:
     """Section 4.4 grids: one barcode mutated at each rate, and placed at each latitude."""
-    from g2p.evaluation.vary import latitude_images, mutation_images
-    from g2p.generate import Generator, save_grid
+    from g2p.images import save_grid
+    from g2p.variation import variation_images
 
-    gen = Generator.from_checkpoint(args.model)
+    pipe = _pipeline(args.model, args.scheduler)
     barcode, lat, lon = args.barcode, args.lat, args.lon
     if args.processid:
         import pandas as pd
@@ -145,25 +167,38 @@ def cmd_vary(args: argparse.Namespace) -> int:
     if not barcode:
         raise ValueError("--barcode: give a barcode or --processid")
     out = Path(args.out)
-    kw = {"steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed, "n": args.n}
-    mut, _ = mutation_images(gen, [barcode], [lat], [lon], args.rates, **kw)  # (1, R, n, 3, H, W)
-    # rows: samples, columns: mutation rates
-    save_grid(mut[0].transpose(0, 1).reshape(-1, *mut.shape[3:]), out / "mutation.png", ncols=len(args.rates))
-    lats = latitude_images(gen, [barcode], [lon], args.latitudes, **kw)  # (1, L, n, 3, H, W)
-    save_grid(lats[0].transpose(0, 1).reshape(-1, *lats.shape[3:]), out / "latitude.png", ncols=len(args.latitudes))
+    v = variation_images(pipe, [barcode], [lat], [lon], rates=args.rates, sweep=args.latitudes,
+                         num_images=args.n, seed=args.seed, **_knobs(args))
+    mut, lats = v.mutation, v.latitude  # (1, R, n, 3, H, W), (1, L, n, 3, H, W)
+    # rows: samples, columns: mutation rates / latitudes
+    save_grid(mut[0].transpose(0, 1).reshape(-1, *mut.shape[3:]), out / "mutation.png", ncols=len(v.rates))
+    save_grid(lats[0].transpose(0, 1).reshape(-1, *lats.shape[3:]), out / "latitude.png", ncols=len(v.latitudes))
     scores = None
     if args.judge:
         from g2p.judge import Judge
 
         judge = Judge.from_pretrained(args.judge)
-        emb = judge.embed_images(mut[0].reshape(-1, *mut.shape[3:])).reshape(len(args.rates), args.n, -1)
+        emb = judge.embed_images(mut[0].reshape(-1, *mut.shape[3:])).reshape(len(v.rates), args.n, -1)
         scores = (emb * judge.embed_barcodes([barcode])[0]).sum(-1).mean(1).tolist()
     summary = {"mutation_grid": str(out / "mutation.png"), "latitude_grid": str(out / "latitude.png"),
-               "rates": list(args.rates), "latitudes": list(args.latitudes)}
+               "rates": v.rates, "latitudes": v.latitudes}
     if scores is not None:
         summary["score_by_rate"] = [round(s, 4) for s in scores]
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from g2p.config import SCHEDULER_NAMES
+
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's sampling.steps)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance, 1 = off (default: the model's sampling.guidance_scale)")
+    p.add_argument("--aligner-guidance-scale", type=float, default=None,
+                   help="the paper's aligner guidance w, 0 = off (default: the model's sampling.aligner_guidance_scale)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                   help="sampling scheduler (default: the model's sampling.scheduler)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 # ----------------------------------------------------------------------------
@@ -213,22 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_config_dump)
 
     g = sub.add_parser("generate", help="generate phenotype images for one barcode and place")
-    g.add_argument("--checkpoint", required=True, help="generator folder (models/g2pdiffusion)")
+    g.add_argument("--checkpoint", required=True, help="model folder (models/g2pdiffusion)")
     g.add_argument("--barcode", required=True)
     g.add_argument("--lat", type=float, default=None)
     g.add_argument("--lon", type=float, default=None)
     g.add_argument("--n", type=int, default=4, help="number of images")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's sampling.steps)")
-    g.add_argument("--guidance-scale", type=float, default=None,
-                   help="aligner guidance w, 0 = off (default: the checkpoint's sampling.guidance_scale)")
-    g.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance, 1 = off (default: the checkpoint's sampling.cfg_scale)")
-    g.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(g)
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.set_defaults(func=cmd_generate)
 
+    from g2p.variation import LATITUDES, MUTATION_RATES
+
     vy = sub.add_parser("vary", help="section 4.4 grids: barcode mutation rates and a latitude sweep")
-    vy.add_argument("--model", default="models/g2pdiffusion", help="generator folder")
+    vy.add_argument("--model", default="models/g2pdiffusion", help="model folder")
     vy.add_argument("--judge", default=None, help="judge folder: also print CLIBDScore per mutation rate")
     src = vy.add_mutually_exclusive_group(required=True)
     src.add_argument("--processid", default=None, help="take barcode and place of this record (from --valid)")
@@ -236,14 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     vy.add_argument("--valid", default="outputs/validation/valid.parquet", help="records file for --processid")
     vy.add_argument("--lat", type=float, default=None)
     vy.add_argument("--lon", type=float, default=None)
-    vy.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    vy.add_argument("--latitudes", type=float, nargs="+", default=[-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0])
+    vy.add_argument("--rates", type=float, nargs="+", default=list(MUTATION_RATES))
+    vy.add_argument("--latitudes", type=float, nargs="+", default=list(LATITUDES))
     vy.add_argument("--n", type=int, default=2, help="images per variant (grid rows)")
-    vy.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
-    vy.add_argument("--guidance-scale", type=float, default=None, help="aligner guidance w (default: checkpoint's)")
-    vy.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(vy)
     vy.add_argument("--out", required=True, help="folder for mutation.png and latitude.png")
     vy.set_defaults(func=cmd_vary)
+
+    cc = sub.add_parser("convert-checkpoint",
+                        help="convert a model folder of the training layout into the G2PDiffusionPipeline layout")
+    cc.add_argument("old", help="folder with denoiser.safetensors, conditioner.safetensors, ... (before the pipeline)")
+    cc.add_argument("new", help="folder to write (model_index.json + one folder per component)")
+    cc.set_defaults(func=cmd_convert_checkpoint)
 
     from pipelines.registry import add_promote_args
 

@@ -50,7 +50,7 @@ def write_figures(results: dict[str, Any], art: dict[str, Any], out: Path) -> di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from g2p.generate import grid as image_grid
+    from g2p.images import grid as image_grid
 
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)

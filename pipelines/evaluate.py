@@ -9,9 +9,9 @@ species by default, ``evaluate.barcodes_per_species``):
 - ``ground_truth``: the record's own image. One image, so its best-of-k is
   that image at every k (the same number is reported at each k).
 - ``random``: k real images of other species of the same split (shuffled).
-- ``no_aligner``: the generator at aligner guidance 0 (the paper's "Stable
-  Diffusion" row); ``g2pdiffusion``: aligner guidance on (``sampling.guidance_scale``).
-  Both draw ``evaluate.num_samples`` images per barcode from the same seeds;
+- ``no_aligner``: the pipeline at aligner guidance 0 (the paper's "Stable
+  Diffusion" row); ``g2pdiffusion``: aligner guidance on (``sampling.aligner_guidance_scale``).
+  Both draw ``evaluate.num_samples`` images per barcode from the same per-image seeds;
   best-of-k for every k comes from the same samples.
 - ``nearest_neighbour``: the images of the k training records whose barcodes
   are closest (k-mer profile distance); the baseline the paper lacks.
@@ -44,7 +44,6 @@ import torch
 
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
-from g2p.variation import mutation_series
 from pipelines.eval_report import write_figures, write_plots, write_report
 
 ROWS = M.ROWS
@@ -123,16 +122,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
 
 
-def generate_rows(generator, barcodes: list[str], lat: list[float | None], lon: list[float | None], n: int,
-                  guidance: float, seed: int, chunk: int, bar, **sampling_kw) -> torch.Tensor:
-    """(B, n, 3, H, W) generated images; chunk c uses seed ``seed + c`` (same seeds for every row)."""
-    outs = []
-    for c, i in enumerate(range(0, len(barcodes), chunk)):
-        sl = slice(i, i + chunk)
-        outs.append(generator.generate(barcodes[sl], lat[sl], lon[sl], n=n, guidance_scale=guidance,
-                                       seed=seed + c, **sampling_kw))
-        bar.update(len(barcodes[sl]) * n)
-    return torch.cat(outs)
+def generate_rows(pipe, barcodes: list[str], lat: list[float | None], lon: list[float | None], n: int,
+                  aligner_guidance: float, seed: int, batch_barcodes: int, bar, **knobs) -> torch.Tensor:
+    """(B, n, 3, H, W) generated images; image j of barcode i from ``image_seed(seed, i, j)`` in every row,
+    so the rows are paired sample for sample."""
+    from g2p.pipeline import generate_uint8
+
+    return generate_uint8(pipe, barcodes, lat, lon, n, seed, batch_barcodes * n, bar.update,
+                          aligner_guidance_scale=aligner_guidance, **knobs)
 
 
 def _scores(judge, images: torch.Tensor, bc_emb: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -142,20 +139,23 @@ def _scores(judge, images: torch.Tensor, bc_emb: torch.Tensor) -> tuple[np.ndarr
     return (emb * bc_emb[:, None, :]).sum(-1).numpy(), emb
 
 
-def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_truth: float | None = None,
+def evaluate(pipe, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_truth: float | None = None,
              sampling=None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """All metrics (the ``metrics.json`` dict) and the artefacts for plots and the report.
 
-    ``sampling`` (a ``SamplingConfig``, default: the checkpoint's) sets steps,
-    scheduler, cfg scale and the aligner guidance of the ``g2pdiffusion`` row.
+    ``pipe`` is a :class:`~g2p.pipeline.G2PDiffusionPipeline`; ``sampling`` (a
+    ``SamplingConfig``, default: the model's) sets the scheduler, steps, CFG
+    scale and the aligner guidance of the ``g2pdiffusion`` row.
     """
     t0 = time.time()
     ks = sorted(set(int(k) for k in ecfg.ks))
     if max(ks) > ecfg.num_samples:
         raise ValueError(f"evaluate.ks: {max(ks)} exceeds evaluate.num_samples={ecfg.num_samples}")
-    sampling = sampling or generator.cfg.sampling
-    guided = sampling.guidance_scale
-    skw = {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "scheduler": sampling.scheduler}
+    sampling = sampling or pipe.cfg.sampling
+    if sampling.scheduler != pipe.cfg.sampling.scheduler:
+        pipe = pipe.with_scheduler(sampling.scheduler)
+    guided = sampling.aligner_guidance_scale
+    skw = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
     reps, seed = ecfg.bootstrap_reps, ecfg.seed
     art: dict[str, Any] = {"samples": {}, "topk": [], "ks": ks}
 
@@ -204,7 +204,7 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
         nn_same = tr.species[nn_idx[:, 0]] == species
         bar.set_description(f"evaluate: sampling {split}")
         for row, w in (("no_aligner", 0.0), ("g2pdiffusion", guided)):
-            images[row] = generate_rows(generator, barcodes, lat, lon, ecfg.num_samples, w, seed,
+            images[row] = generate_rows(pipe, barcodes, lat, lon, ecfg.num_samples, w, seed,
                                         ecfg.batch_barcodes, bar, **skw)
         gt_scores, _ = _scores(judge, images["ground_truth"], bc)
         gt_scores = gt_scores[:, 0]
@@ -239,45 +239,38 @@ def evaluate(generator, judge, data: EvalData, ecfg, *, trait_reader=None, bergm
     bar.close()
     if with_traits:
         results["traits"] = traits_out
-    results["variation"], art["variation"] = variation(generator, judge, data.splits["seen"], ecfg,
+    results["variation"], art["variation"] = variation(pipe, judge, data.splits["seen"], ecfg,
                                                        trait_reader, bergmann_truth, progress,
-                                                       guidance_scale=guided, **skw)
+                                                       aligner_guidance_scale=guided, **skw)
     results["seconds"] = round(time.time() - t0, 1)
     return results, art
 
 
-def variation(generator, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress, **generate_kw):
-    """Section 4.4: CLIBDScore against mutation rate; measured body size against latitude.
+def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress, **knobs):
+    """Section 4.4 (:func:`g2p.variation.variation_images`): CLIBDScore against mutation rate; measured body
+    size against latitude. Every variant of a barcode shares its starting noise."""
+    from g2p.variation import variation_images
 
-    For speed every (barcode, variant) goes through the sampler in full
-    batches, so variants do not share their starting noise here (``g2p vary``
-    grids do); the curves average over barcodes and samples.
-    """
     sel = select_barcodes(arr.species, 1)[: ecfg.vary_barcodes]
     barcodes = [arr.barcode[i] for i in sel]
     lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
     lon = [float(arr.lon[i]) if arr.has_place[i] else None for i in sel]
-    n, rates, lats = ecfg.vary_samples, list(ecfg.mutation_rates), list(ecfg.latitudes)
-    total = len(sel) * n * (len(rates) + (len(lats) if trait_reader is not None else 0))
-    bar = _progress(total, "evaluate: variation", progress)
-    b, r, chunk = len(barcodes), len(rates), max(1, 64 // n)
-    guided = generate_kw["guidance_scale"]
-    mutants = [mutation_series(bc_, rates, seed=ecfg.seed + i) for i, bc_ in enumerate(barcodes)]
-    mut = generate_rows(generator, [m[j] for m in mutants for j in range(r)], [x for x in lat for _ in rates],
-                        [x for x in lon for _ in rates], n, generate_kw.pop("guidance_scale"), ecfg.seed, chunk, bar,
-                        **generate_kw)
-    mut = mut.reshape(b, r, *mut.shape[1:])  # (B, R, n, 3, H, W)
+    n, rates = ecfg.vary_samples, list(ecfg.mutation_rates)
+    with_lat = trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ())
+    lats = list(ecfg.latitudes) if with_lat else []
+    bar = _progress(len(sel) * n * (len(rates) + len(lats)), "evaluate: variation", progress)
+    v = variation_images(pipe, barcodes, lat, lon, rates=rates, sweep=lats, num_images=n, seed=ecfg.seed,
+                         on_images=bar.update, **knobs)
+    mut = v.mutation  # (B, R, n, 3, H, W)
+    b, r = len(barcodes), len(rates)
     bc = judge.embed_barcodes(barcodes)
     emb = judge.embed_images(mut.reshape(b * r * n, *mut.shape[3:])).reshape(b, r, n, -1)
     score = (emb * bc[:, None, None, :]).sum(-1).numpy()  # against the *original* barcode
     out: dict[str, Any] = {"mutation_rates": rates, "score_by_rate": [float(x) for x in score.mean(axis=(0, 2))],
                            "num_barcodes": int(len(sel)), "samples_per_barcode": int(n)}
     art: dict[str, Any] = {"mutation": mut, "rates": rates}
-    if trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ()):
-        li = generate_rows(generator, [x for x in barcodes for _ in lats], [la for _ in barcodes for la in lats],
-                           [0.0 if x is None else x for x in lon for _ in lats], n, guided, ecfg.seed, chunk, bar,
-                           **generate_kw)
-        li = li.reshape(b, len(lats), *li.shape[1:])  # (B, L, n, 3, H, W)
+    if with_lat:
+        li = v.latitude  # (B, L, n, 3, H, W)
         size = trait_reader.predict(li.reshape(-1, *li.shape[3:]))["body_size"].reshape(b, len(lats), n)
         abs_lat = np.broadcast_to(np.abs(np.asarray(lats))[None, :, None], size.shape)
         group = np.broadcast_to(np.arange(b)[:, None, None], size.shape)
@@ -358,22 +351,22 @@ def run(*, model: str, judge: str, trait_reader: str | None, train: str, test: s
         root: str | None, truth: str | None, params: str, out: str, mlflow: bool = True,
         progress: bool = True) -> dict[str, Any]:
     from g2p.config import load_params
-    from g2p.generate import Generator
     from g2p.judge import Judge
+    from g2p.pipeline import load_pipeline
 
     cfg = load_params(params) if Path(params).exists() else None
-    gen = Generator.from_checkpoint(model)
-    ecfg = (cfg or gen.cfg).evaluate
-    bergmann = (cfg or gen.cfg).data.bergmann_coefficient
+    pipe = load_pipeline(model)
+    ecfg = (cfg or pipe.cfg).evaluate
+    bergmann = (cfg or pipe.cfg).data.bergmann_coefficient
     j = Judge.from_pretrained(judge)
     reader = None
     if trait_reader and Path(trait_reader).exists():
         from g2p.trait_reader import TraitReader
 
         reader = TraitReader.from_pretrained(trait_reader)
-    data = load_eval_data(train, test, valid, root, gen.cfg.vae.image_size, truth)
-    results, art = evaluate(gen, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
-                            sampling=(cfg or gen.cfg).sampling, progress=progress)
+    data = load_eval_data(train, test, valid, root, pipe.cfg.vae.image_size, truth)
+    results, art = evaluate(pipe, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
+                            sampling=(cfg or pipe.cfg).sampling, progress=progress)
     results["eval_config_hash"] = eval_config_hash(ecfg, data)
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from g2p.generate import Generator
+    from g2p.pipeline import load_pipeline
     from pipelines.ray_train import load_data
     from pipelines.stage import fixed_conditions, sample_sheet
 
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's sampling.steps")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    gen = Generator.from_checkpoint(a.model)
-    arrays = load_data(a.data, [a.split], gen.cfg.vae.image_size)
-    sheet = sample_sheet(gen.model, arrays, n_species=a.species, n=a.n, seed=a.seed, steps=a.steps)
+    pipe = load_pipeline(a.model)
+    arrays = load_data(a.data, [a.split], pipe.cfg.vae.image_size)
+    sheet = sample_sheet(pipe, arrays, n_species=a.species, n=a.n, seed=a.seed, steps=a.steps)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(a.out)
     rows = [str(arrays.species[i]) for i in fixed_conditions(arrays, a.species)]

@@ -67,18 +67,19 @@ def fixed_conditions(arrays: Any, n_species: int = 6) -> list[int]:
     return [first[s] for s in sorted(first)[:n_species]]
 
 
-def sample_sheet(model: Any, arrays: Any, *, n_species: int = 6, n: int = 4, seed: int = 0,
+def sample_sheet(pipe: Any, arrays: Any, *, n_species: int = 6, n: int = 4, seed: int = 0,
                  steps: int | None = None) -> Any:
-    """A PIL grid, one row per species: the real image, then ``n`` samples for its barcode and place."""
+    """A PIL grid, one row per species: the real image, then ``n`` samples of ``pipe`` for its barcode and place."""
     import torch.nn.functional as F
 
-    from g2p.generate import grid
-    from pipelines.tracking import sample_grid_fn
+    from g2p.images import grid
+    from g2p.pipeline import generate_uint8
 
     idx = fixed_conditions(arrays, n_species)
     lats = [float(arrays.lat[i]) if bool(arrays.has_place[i]) else None for i in idx]
     lons = [float(arrays.lon[i]) if bool(arrays.has_place[i]) else None for i in idx]
-    samples = sample_grid_fn(model, [arrays.barcode[i] for i in idx], lats, lons, n=n, seed=seed, steps=steps)(0)
+    samples = generate_uint8(pipe, [arrays.barcode[i] for i in idx], lats, lons, n, seed,
+                             num_inference_steps=steps)  # (B, n, 3, H, W)
     real = arrays.images[torch.as_tensor(idx)]  # (B, 3, S, S)
     if real.shape[-2:] != samples.shape[-2:]:
         real = F.interpolate(real.float(), size=samples.shape[-2:], mode="bilinear").round().clamp(0, 255).byte()
@@ -111,7 +112,7 @@ def write_dvc_outputs(stage: str, rows: list[dict[str, Any]], seconds: float, me
 
 
 def run(stage: str, *, data: str, out: str, init_model: str | None, params: str, splits: list[str],
-        grid_data: str | None, metrics_dir: str, plots_dir: str) -> dict[str, Any]:
+        grid_data: str | None, metrics_dir: str, plots_dir: str, export: str = "training") -> dict[str, Any]:
     from g2p.config import load_params
     from pipelines import tracking
     from pipelines.ray_train import load_data, load_ray_section, run_stage
@@ -127,17 +128,22 @@ def run(stage: str, *, data: str, out: str, init_model: str | None, params: str,
         dest = Path(out)
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(result.model_dir, dest)
+        if export == "pipeline":  # the final model: what G2PDiffusionPipeline.from_pretrained loads
+            from g2p.pipeline import convert_checkpoint
+
+            convert_checkpoint(str(result.model_dir), str(dest))
+        else:  # a stage's output the next stage continues training from
+            shutil.copytree(result.model_dir, dest)
         tracking.log_checkpoint(run_id, dest, uri=uri)
         summary = write_dvc_outputs(stage, result.log(), result.seconds, Path(metrics_dir) / f"{stage}.json",
                                     Path(plots_dir) / f"{stage}.csv")
         summary["ray_run"] = name
         if grid_data and stage in GRID_STAGES:
-            from g2p.generate import Generator
+            from g2p.pipeline import load_pipeline
 
-            gen = Generator.from_checkpoint(dest)
-            arrays = load_data(grid_data, ["val"], gen.cfg.vae.image_size)
-            sheet = sample_sheet(gen.model, arrays)
+            pipe = load_pipeline(str(result.model_dir))
+            arrays = load_data(grid_data, ["val"], pipe.cfg.vae.image_size)
+            sheet = sample_sheet(pipe, arrays)
             tracking._client(uri).log_image(run_id, sheet, key="samples", step=summary["steps"])
         mlflow_final = {f"final_{k}": float(v) for k, v in summary.items()
                         if k in ("loss", "seconds", "loss_last10_mean") and v is not None}
@@ -169,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-data", default=None, help="arrays file with images: fixed barcodes for a sample grid")
     p.add_argument("--metrics-dir", default="outputs/metrics")
     p.add_argument("--plots-dir", default="outputs/plots")
+    p.add_argument("--export", choices=["training", "pipeline"], default="training",
+                   help="layout of --out: the training layout the next stage loads, or the "
+                        "G2PDiffusionPipeline layout (the final model)")
     a = p.parse_args(argv)
     summary = run(a.stage, data=a.data, out=a.out, init_model=a.init_model, params=a.params, splits=a.splits,
-                  grid_data=a.grid_data, metrics_dir=a.metrics_dir, plots_dir=a.plots_dir)
+                  grid_data=a.grid_data, metrics_dir=a.metrics_dir, plots_dir=a.plots_dir, export=a.export)
     print(json.dumps(summary))
     return 0
 

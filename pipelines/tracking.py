@@ -273,7 +273,7 @@ class _MlflowLogger:
             return
         image = self.sample_fn(step)
         if not hasattr(image, "save"):  # a uint8 tensor: one grid, a row per condition
-            from g2p.generate import grid
+            from g2p.images import grid
 
             ncols = image.shape[1] if image.dim() == 5 else None
             image = grid(image.flatten(0, 1) if image.dim() == 5 else image, ncols)
@@ -312,15 +312,16 @@ def sample_grid_fn(model: Any, barcodes: list[str], latitudes: list[float | None
     """
     import torch
 
-    from g2p.generate import Generator
+    from g2p.pipeline import G2PDiffusionPipeline, generate_uint8
 
     def sample(step: int) -> Any:
         modes = [(m, m.training) for m in model.modules()]
         try:
             with torch.random.fork_rng(devices=[]):
                 w = None if len(model.negative_bank) else 0.0
-                return Generator(model).generate(barcodes, latitudes, longitudes, n=n, seed=seed, steps=steps,
-                                                 guidance_scale=w)
+                pipe = G2PDiffusionPipeline.from_model(model)  # a copy: training weights untouched
+                return generate_uint8(pipe, barcodes, latitudes, longitudes, n, seed, num_inference_steps=steps,
+                                      aligner_guidance_scale=w)
         finally:
             for m, training in modes:
                 m.train(training)

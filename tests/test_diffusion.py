@@ -32,7 +32,7 @@ def test_add_noise_is_eq5():
     torch.testing.assert_close(add_noise(sched, z0, eps, t), gamma.sqrt() * z0 + (1 - gamma).sqrt() * eps)
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "dpmsolver++", "unipc", "euler"])
 def test_sampling_scheduler_shares_the_training_betas(kind):
     cfg = DiffusionConfig(beta_schedule="scaled_linear")
     train = build_train_scheduler(cfg)

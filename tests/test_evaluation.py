@@ -170,3 +170,23 @@ def test_select_barcodes_per_species_and_max_species():
     assert select_barcodes(species, 2).tolist() == [1, 4, 0, 2, 3, 5, 6]
     assert sorted(select_barcodes(species, 0).tolist()) == list(range(7))
     assert species[select_barcodes(species, 1, max_species=3)].tolist() == ["a", "c", "e"]
+
+
+def test_paired_difference_clusters_and_pairs() -> None:
+    from g2p.evaluation.metrics import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=200)
+    # a shared per-barcode effect cancels in the paired difference: a tight interval around 0.1
+    d = paired_difference(base + 0.1, base, reps=500)
+    assert d["diff"] == pytest.approx(0.1) and d["low"] == pytest.approx(0.1) and d["high"] == pytest.approx(0.1)
+    noisy = paired_difference(base + rng.normal(scale=0.5, size=200) + 0.2, base, reps=500)
+    assert noisy["low"] < 0.2 < noisy["high"] and noisy["low"] > 0
+    # clustering by species widens the interval when the species share their difference
+    sp = np.repeat(np.arange(20), 10).astype(str)
+    shared = np.repeat(rng.normal(size=20), 10)
+    flat = paired_difference(shared, np.zeros(200), reps=500)
+    clus = paired_difference(shared, np.zeros(200), clusters=sp, reps=500)
+    assert clus["high"] - clus["low"] > 2 * (flat["high"] - flat["low"]) and clus["n_clusters"] == 20
+    with pytest.raises(ValueError, match="paired"):
+        paired_difference(np.zeros(3), np.zeros(4))

@@ -1,4 +1,4 @@
-"""The whole model on tiny sizes: train every stage, save, load, generate."""
+"""The whole model on tiny sizes: train every stage, save, load, convert to the pipeline, generate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from g2p.config import preset
-from g2p.generate import Generator
 from g2p.model import G2PDiffusion
+from g2p.pipeline import G2PDiffusionPipeline, load_pipeline
 from g2p.train import stages
 from g2p.train.checkpoint import ArchitectureMismatch
 from g2p.train.loop import Hooks
@@ -66,53 +66,64 @@ def test_loading_into_another_architecture_names_the_field(trained) -> None:
     path, _ = trained
     other = CFG.set("unet.block_out_channels", [16, 48])
     with pytest.raises(ArchitectureMismatch, match=r"unet\.block_out_channels"):
-        Generator.from_checkpoint(path, cfg=other)
+        G2PDiffusion.from_pretrained(path, cfg=other)
     with pytest.raises(ArchitectureMismatch, match=r"tokenizer\.k"):
-        Generator.from_checkpoint(path, cfg=CFG.set("tokenizer.k", 5))
+        G2PDiffusion.from_pretrained(path, cfg=CFG.set("tokenizer.k", 5))
+
+
+def _images(pipe, barcodes, lats, lons, seed: int, w: float, n: int = 3):
+    g = [torch.Generator().manual_seed(seed + i) for i in range(len(barcodes) * n)]
+    return pipe(barcodes, lats, lons, num_images_per_barcode=n, num_inference_steps=4, aligner_guidance_scale=w,
+                generator=g, output_type="pt").images
 
 
 def test_same_seed_same_images_and_w0_is_unguided(trained) -> None:
-    gen = Generator.from_checkpoint(trained[0])
+    pipe = load_pipeline(str(trained[0]))
     data = two_species_arrays(4, seed=1)
     args = (data.barcode[:2], [10.0, None], [20.0, None])
-    a = gen.generate(*args, n=3, steps=4, guidance_scale=2.0, seed=7)
-    b = gen.generate(*args, n=3, steps=4, guidance_scale=2.0, seed=7)
-    assert a.shape == (2, 3, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, b)
-    assert not torch.equal(a, gen.generate(*args, n=3, steps=4, guidance_scale=2.0, seed=8))
-    # guidance changes the images; w = 0 is exactly the unguided sampler
-    unguided = gen.generate(*args, n=3, steps=4, guidance_scale=0.0, seed=7)
+    a = _images(pipe, *args, seed=7, w=2.0)
+    assert a.shape == (6, 3, 32, 32)
+    assert torch.equal(a, _images(pipe, *args, seed=7, w=2.0))
+    assert not torch.equal(a, _images(pipe, *args, seed=8, w=2.0))
+    # the trained aligner's guidance changes the images; w = 0 is exactly the unguided sampler
+    unguided = _images(pipe, *args, seed=7, w=0.0)
     assert not torch.equal(a, unguided)
-    gen.model.aligner.requires_grad_(False)
-    again = gen.generate(*args, n=3, steps=4, guidance_scale=0.0, seed=7)
-    assert torch.equal(unguided, again)
+    pipe.aligner.requires_grad_(False)
+    assert torch.equal(unguided, _images(pipe, *args, seed=7, w=0.0))
 
 
-def test_bad_input_names_field_and_value(trained) -> None:
-    gen = Generator.from_checkpoint(trained[0])
-    good = two_species_arrays(1).barcode[0]
-    with pytest.raises(ValueError, match=r"barcodes\[0\].*XYZ"):
-        gen.generate(["ACGTXYZ" * 40], [0.0], [0.0], n=1, steps=1)
-    with pytest.raises(ValueError, match="latitude.*95"):
-        gen.generate([good], [95.0], [0.0], n=1, steps=1)
-    with pytest.raises(ValueError, match="n: 0"):
-        gen.generate([good], [0.0], [0.0], n=0, steps=1)
+def test_convert_checkpoint_writes_the_pipeline_layout_with_the_same_images(trained, tmp_path: Path) -> None:
+    from pipelines.cli import main
+
+    new = tmp_path / "converted"
+    assert main(["convert-checkpoint", str(trained[0]), str(new)]) == 0
+    assert (new / "model_index.json").exists() and (new / "conditioner" / "config.json").exists()
+    converted = G2PDiffusionPipeline.from_pretrained(str(new))
+    in_memory = load_pipeline(str(trained[0]))  # the old layout loads too, converted on the fly
+    bc = two_species_arrays(1).barcode[:1]
+    assert torch.equal(_images(converted, bc, [5.0], [6.0], seed=1, w=1.0),
+                       _images(in_memory, bc, [5.0], [6.0], seed=1, w=1.0))
+    assert converted.cfg.sampling == in_memory.cfg.sampling
+    assert torch.equal(converted.aligner.negative_bank, G2PDiffusion.from_pretrained(trained[0]).negative_bank)
 
 
-def test_golden_seeded_sample_from_random_init() -> None:
-    """A fixed seed through the whole random-init tiny model pins these pixels (CPU, this torch)."""
-    torch.manual_seed(0)
+def test_legacy_sampling_names_are_read_from_old_checkpoints(tmp_path: Path) -> None:
+    """Before the pipeline, sampling.guidance_scale was the aligner's w and cfg_scale the CFG scale."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from g2p.train.checkpoint import CONFIG_KEY, config_from_checkpoint, read_metadata
+
     model = G2PDiffusion(CFG)
-    model.negative_bank = torch.randn(4, CFG.conditioner.hidden_size, generator=torch.Generator().manual_seed(1))
-    img = Generator(model).generate(["ACGT" * 160], [45.0], [-75.0], n=1, steps=3, guidance_scale=1.0,
-                                    cfg_scale=2.0, seed=0)
-    got = img[0, 0, :, 16, 12:16].flatten()
-    assert img.shape == (1, 1, 3, 32, 32)
-    # +-1 grey level: float summation order may differ with the thread count
-    assert (got.int() - torch.tensor(GOLDEN)).abs().max() <= 1, got.tolist()
-
-
-GOLDEN = [103, 76, 111, 70, 17, 55, 95, 77, 144, 173, 138, 155]
+    path = model.save_pretrained(tmp_path / "m") / "denoiser.safetensors"
+    meta = read_metadata(path)
+    cfg = json.loads(meta[CONFIG_KEY])
+    cfg["sampling"] = {"scheduler": "ddim", "steps": 9, "guidance_scale": 4.0, "cfg_scale": 2.5,
+                       "negative_bank_size": 8}
+    save_file(load_file(path), str(path), metadata={**meta, CONFIG_KEY: json.dumps(cfg)})
+    s = config_from_checkpoint(path).sampling
+    assert (s.steps, s.aligner_guidance_scale, s.guidance_scale) == (9, 4.0, 2.5)
 
 
 def test_cli_generate_writes_a_grid(trained, tmp_path: Path) -> None:
@@ -122,7 +133,8 @@ def test_cli_generate_writes_a_grid(trained, tmp_path: Path) -> None:
 
     out = tmp_path / "grid.png"
     rc = main(["generate", "--checkpoint", str(trained[0]), "--barcode", two_species_arrays(1).barcode[0],
-               "--lat", "10", "--lon", "20", "--n", "4", "--steps", "2", "--seed", "3", "--out", str(out)])
+               "--lat", "10", "--lon", "20", "--n", "4", "--steps", "2", "--seed", "3", "--scheduler", "unipc",
+               "--guidance-scale", "2", "--aligner-guidance-scale", "1", "--out", str(out)])
     assert rc == 0
     with Image.open(out) as im:
         assert im.size == (2 + 2 * 34, 2 + 2 * 34)

@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from g2p.config import ConfigError, G2PConfig, preset
 from g2p.data.dataset import Arrays
-from g2p.generate import Generator
+from g2p.pipeline import G2PDiffusionPipeline
 from g2p.model import G2PDiffusion
 from g2p.models.vae import load_vae
 from g2p.train import stages
@@ -135,9 +135,10 @@ def test_one_lora_step_and_one_aligner_step(trained) -> None:
 
 def test_one_guided_sampling_step(trained) -> None:
     model, data, _, _, _ = trained
-    images = Generator(model).generate(data.barcode[:1], [45.0], [-75.0], n=1, steps=1,
-                                       guidance_scale=1.0, cfg_scale=3.0, seed=0)
-    assert images.shape == (1, 1, 3, 256, 256) and images.dtype == torch.uint8
+    images = G2PDiffusionPipeline.from_model(model)(
+        data.barcode[:1], [45.0], [-75.0], num_inference_steps=1, guidance_scale=3.0, aligner_guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
 
 
 def test_save_load_round_trip_rebuilds_the_folder_unet(trained) -> None:
@@ -152,8 +153,10 @@ def test_save_load_round_trip_rebuilds_the_folder_unet(trained) -> None:
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
     args = (data.barcode[:1], [45.0], [-75.0])
-    kw = dict(n=1, steps=1, guidance_scale=1.0, cfg_scale=3.0, seed=3)
-    assert torch.equal(Generator(model).generate(*args, **kw), Generator(loaded).generate(*args, **kw))
+    kw = dict(num_inference_steps=1, guidance_scale=3.0, aligner_guidance_scale=1.0, output_type="pt")
+    a = G2PDiffusionPipeline.from_model(model)(*args, generator=torch.Generator().manual_seed(3), **kw).images
+    b = G2PDiffusionPipeline.from_model(loaded)(*args, generator=torch.Generator().manual_seed(3), **kw).images
+    assert torch.equal(a, b)
     # a config that describes another UNet is refused, naming the field
     with pytest.raises(ArchitectureMismatch, match=r"unet\.block_out_channels"):
         G2PDiffusion.from_pretrained(path, cfg=model.cfg.set("unet.block_out_channels", [320, 640, 1280, 1280]))

@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
 from g2p.model import G2PDiffusion
-from g2p.generate import Generator
+from g2p.pipeline import G2PDiffusionPipeline, generate_uint8
 from g2p.judge import Judge
 from g2p.train import stages
 from g2p.evaluation import metrics as M
@@ -14,13 +14,14 @@ from pipelines.ray_train import load_data
 from pipelines.evaluate import select_barcodes
 
 def evaluate(model, judge, test, n=2, cfg_scale=3.0, steps=25, max_species=36, seed=0, guidance=0.0, tag=""):
-    gen = Generator(model)
+    pipe = G2PDiffusionPipeline.from_model(model)
     sel = select_barcodes(test.species, 1, max_species)
     bcs = [test.barcode[i] for i in sel]
     lat = [float(test.lat[i]) if test.has_place[i] else None for i in sel]
     lon = [float(test.lon[i]) if test.has_place[i] else None for i in sel]
     t = time.time()
-    imgs = gen.generate(bcs, lat, lon, n=n, steps=steps, cfg_scale=cfg_scale, guidance_scale=guidance, seed=seed)
+    imgs = generate_uint8(pipe, bcs, lat, lon, n, seed, num_inference_steps=steps, guidance_scale=cfg_scale,
+                          aligner_guidance_scale=guidance)
     all_bc = judge.embed_barcodes(list(test.barcode))
     names, protos = M.species_prototypes(all_bc.numpy(), test.species)
     b, k = imgs.shape[:2]

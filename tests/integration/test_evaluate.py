@@ -130,12 +130,12 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
 
 def test_same_seed_same_metrics(setup) -> None:
     """Generation, random draws and bootstrap are seeded: a second run gives the same numbers."""
-    from g2p.generate import Generator
     from g2p.judge import Judge
+    from g2p.pipeline import load_pipeline
     from pipelines import evaluate
 
     tmp, root = setup["tmp"], setup["root"]
-    gen = Generator.from_checkpoint(tmp / "g2pdiffusion")
+    gen = load_pipeline(str(tmp / "g2pdiffusion"))
     judge = Judge.from_pretrained(tmp / "judge")
     data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
                                    CFG.vae.image_size)
@@ -154,24 +154,28 @@ def test_same_seed_same_metrics(setup) -> None:
 def test_vary_grids_share_noise_and_cli_writes_them(setup, capsys) -> None:
     from PIL import Image
 
-    from g2p.evaluation.vary import latitude_images, mutation_images
-    from g2p.generate import Generator
+    from g2p.pipeline import generate_uint8, load_pipeline
+    from g2p.variation import variation_images
     from pipelines.cli import main
     from pipelines.ray_train import load_data
 
     tmp = setup["tmp"]
-    gen = Generator.from_checkpoint(tmp / "g2pdiffusion")
+    pipe = load_pipeline(str(tmp / "g2pdiffusion"))
     test = load_data(tmp / "test.safetensors", ["test"], CFG.vae.image_size)
     bc = test.barcode[:2]
-    mut, mutants = mutation_images(gen, bc, [10.0, 20.0], [5.0, 6.0], rates=[0.0, 0.5], n=1, seed=3, steps=2)
-    assert mut.shape[:3] == (2, 2, 1) and mutants[0][0] == bc[0] and mutants[0][1] != bc[0]
+    v = variation_images(pipe, bc, [10.0, 20.0], [5.0, 6.0], rates=[0.0, 0.5], sweep=[0.0, 60.0], seed=3,
+                         num_inference_steps=2)
+    assert v.mutation.shape[:3] == (2, 2, 1) and v.mutants[0][0] == bc[0] and v.mutants[0][1] != bc[0]
+    assert v.latitude.shape[:3] == (2, 2, 1)
     # rate 0 is the unmutated barcode from the same noise: exactly the plain generation
-    plain = gen.generate(bc, [10.0, 20.0], [5.0, 6.0], n=1, seed=3, steps=2)
-    assert torch.equal(mut[:, 0], plain)
-    lat = latitude_images(gen, bc[:1], [5.0], latitudes=[0.0, 60.0], n=1, seed=3, steps=2)
-    assert lat.shape[:3] == (1, 2, 1)
+    plain = generate_uint8(pipe, bc, [10.0, 20.0], [5.0, 6.0], 1, seed=3, num_inference_steps=2)
+    assert torch.equal(v.mutation[:, 0], plain)
+    # a latitude variant differs from the rate-0 image only by its condition (same noise)
+    at_own = variation_images(pipe, bc[:1], [10.0], [5.0], rates=[0.0], sweep=[10.0], seed=3,
+                              num_inference_steps=2)
+    assert torch.equal(at_own.latitude[0, 0], at_own.mutation[0, 0])
     with pytest.raises(ValueError, match="latitudes"):
-        latitude_images(gen, bc[:1], [5.0], latitudes=[95.0])
+        variation_images(pipe, bc[:1], [None], [5.0], sweep=[95.0])
 
     out = tmp / "vary"
     assert main(["vary", "--model", str(tmp / "g2pdiffusion"), "--judge", str(tmp / "judge"), "--barcode", bc[0],

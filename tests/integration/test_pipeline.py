@@ -64,14 +64,19 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
                                              cwd=repo, env=env).strip()}
     run("dvc", "repro", cwd=repo, env=env)
 
-    # the generator folder loads and samples
-    from g2p.generate import Generator
+    # the final model is a diffusers pipeline folder that loads and samples
+    import torch
+
+    from g2p import G2PDiffusionPipeline
     from pipelines.ray_train import load_data
 
-    gen = Generator.from_checkpoint(repo / "models" / "g2pdiffusion")
-    assert len(gen.model.negative_bank) == 8  # sampling.negative_bank_size of the tiny preset
-    images = gen.generate(["ACGT" * 100], [45.0], [-75.0], n=2, steps=2, seed=0)
-    assert images.shape == (1, 2, 3, gen.cfg.vae.image_size, gen.cfg.vae.image_size)
+    pipe = G2PDiffusionPipeline.from_pretrained(str(repo / "models" / "g2pdiffusion"))
+    assert len(pipe.aligner.negative_bank) == 8  # sampling.negative_bank_size of the tiny preset
+    images = pipe("ACGT" * 100, 45.0, -75.0, num_images_per_barcode=2, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    size = pipe.cfg.vae.image_size
+    assert images.shape == (2, 3, size, size)
+    gen = pipe
 
     # prepare wrote model-ready arrays with Ray Data, in the records' order
     train = load_data(repo / "outputs" / "prepared" / "train.safetensors", ["train"], gen.cfg.vae.image_size)
