@@ -175,7 +175,9 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
             parts += [f"Samples (per row: ground truth, nearest neighbour, random, no aligner x2, G2PDiffusion x2):",
                       "", f"![samples {split}](figures/{figs[f'samples_{split}'].name})", ""]
     parts += [f"![top-k](figures/{figs['topk'].name})", ""]
-    if "traits" in results:
+    if "absent" in results.get("traits", {}):
+        parts += ["## Gold standard: trait errors", "", f"Not measured: {results['traits']['absent']}.", ""]
+    elif "traits" in results:
         parts += ["## Gold standard: trait errors", "",
                   "Trait reader on each row's first image vs the synthetic ground truth of the barcode's record "
                   "(hues: circular distance in turns; categoricals: error rate; others: absolute error; "

@@ -359,15 +359,24 @@ def run(*, model: str, judge: str, trait_reader: str | None, train: str, test: s
     ecfg = (cfg or pipe.cfg).evaluate
     bergmann = (cfg or pipe.cfg).data.bergmann_coefficient
     j = Judge.from_pretrained(judge)
-    reader = None
-    if trait_reader and Path(trait_reader).exists():
+    from pipelines.train_judge import absent_reason
+
+    reader, absent = None, None
+    if not trait_reader or not Path(trait_reader).exists():
+        absent = f"no trait reader folder ({trait_reader})"
+    elif (absent := absent_reason(trait_reader)) is None:
         from g2p.trait_reader import TraitReader
 
         reader = TraitReader.from_pretrained(trait_reader)
     data = load_eval_data(train, test, valid, root, pipe.cfg.vae.image_size, truth)
+    if data.truth is None:
+        absent = absent or f"no synthetic ground truth at {truth}"
+        bergmann = None  # the benchmark's coefficient says nothing about real records
     results, art = evaluate(pipe, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
                             sampling=(cfg or pipe.cfg).sampling, progress=progress)
     results["eval_config_hash"] = eval_config_hash(ecfg, data)
+    if "traits" not in results:  # the gold standard needs the synthetic truth and the reader
+        results["traits"] = {"absent": absent or "not computed"}
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     ordered = {k: results[k] for k in ("seen", "unseen", "judge", "traits", "variation", "threshold",

@@ -303,6 +303,9 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
     from pipelines.stage import _metric, run_key, write_dvc_outputs
 
     cfg = load_params(params, preset_name=preset_name) if Path(params).exists() else preset(preset_name or "default")
+    if stage == "train_trait_reader" and not Path(ground_truth).exists():
+        return skip_trait_reader(out, ground_truth, Path(metrics_dir) / f"{stage}.json",
+                                 Path(plots_dir) / f"{stage}.csv")
     scaling = load_ray_section(params)
     model_section = "judge" if stage == "train_judge" else "trait_reader"
     # the run name also keys on the training code: a changed model or loop must not "resume" (i.e. reuse)
@@ -343,6 +346,37 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
         tracking._client(uri).log_batch(run_id, metrics=[_metric(k, float(v), summary["steps"])
                                                          for k, v in flat.items()])
     return summary
+
+
+ABSENT_NAME = "ABSENT.json"  # in a grader folder that could not be trained: why
+
+
+def skip_trait_reader(out: str | Path, ground_truth: str | Path, metrics_path: Path, plots_path: Path) -> dict:
+    """No synthetic ground truth (a real BIOSCAN-5M root): no trait reader; the folder and the metrics say why.
+
+    The DVC outputs still exist (``out/ABSENT.json``, the metrics and an empty
+    plot), so the stages after it run; ``evaluate`` reads the reason and
+    reports the truth-based metrics as absent.
+    """
+    reason = (f"no synthetic ground truth at {ground_truth}: the trait reader learns from the synthetic "
+              f"benchmark's trait vectors, which real BIOSCAN-5M records do not have")
+    dest = Path(out)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    (dest / ABSENT_NAME).write_text(json.dumps({"component": "trait_reader", "reason": reason}, indent=2) + "\n")
+    summary = {"stage": "train_trait_reader", "skipped": True, "reason": reason, "steps": 0}
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+    plots_path.parent.mkdir(parents=True, exist_ok=True)
+    plots_path.write_text("step,loss\n")
+    return summary
+
+
+def absent_reason(folder: str | Path) -> str | None:
+    """The reason recorded in a grader folder that holds no model (``ABSENT.json``), else None."""
+    p = Path(folder) / ABSENT_NAME
+    return json.loads(p.read_text())["reason"] if p.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:

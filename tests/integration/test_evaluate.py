@@ -188,3 +188,27 @@ def test_vary_grids_share_noise_and_cli_writes_them(setup, capsys) -> None:
     assert main(["vary", "--model", str(tmp / "g2pdiffusion"), "--processid", "nope",
                  "--valid", str(tmp / "valid.parquet"), "--out", str(out)]) == 2
     assert "--processid" in capsys.readouterr().err
+
+
+def test_without_synthetic_truth_the_gold_standard_is_absent_with_its_reason(setup, tmp_path: Path) -> None:
+    """A real BIOSCAN-5M root has no synthetic ground truth: train_trait_reader leaves a folder saying why,
+    and evaluate runs on, reporting the truth-based metrics as absent with that reason."""
+    from pipelines import evaluate
+    from pipelines.train_judge import absent_reason, skip_trait_reader
+
+    tmp, root = setup["tmp"], setup["root"]
+    missing = tmp_path / "no" / "synthetic_ground_truth.parquet"
+    reader = tmp_path / "trait_reader"
+    summary = skip_trait_reader(reader, missing, tmp_path / "m" / "train_trait_reader.json",
+                                tmp_path / "p" / "train_trait_reader.csv")
+    assert summary["skipped"] and str(missing) in summary["reason"]
+    assert absent_reason(reader) == summary["reason"] and (tmp_path / "p" / "train_trait_reader.csv").exists()
+    res = evaluate.run(model=str(tmp / "g2pdiffusion"), judge=str(tmp / "judge"), trait_reader=str(reader),
+                       train=str(tmp / "train.safetensors"), test=str(tmp / "test.safetensors"),
+                       valid=str(tmp / "valid.parquet"), root=str(root), truth=str(missing),
+                       params=str(tmp / "no-params.yaml"), out=str(tmp_path / "reports"), mlflow=False,
+                       progress=False)
+    assert res["traits"] == {"absent": summary["reason"]}
+    assert "bergmann_slope" not in res["variation"] and res["variation"]["bergmann_truth"] is None
+    assert "g2pdiffusion" in res["seen"]  # everything else is measured as usual
+    assert f"Not measured: {summary['reason']}" in (tmp_path / "reports" / "report.md").read_text()
