@@ -224,11 +224,12 @@ class G2PDiffusionPipeline(DiffusionPipeline):
 
     def __init__(self, tokenizer: KmerTokenizer, conditioner: ConditionerModel, vae: AutoencoderKL,
                  unet: UNet2DConditionModel, aligner: AlignerModel, scheduler: SchedulerMixin,
-                 g2p_config: dict[str, Any] | None = None) -> None:
+                 g2p_config: dict[str, Any] | None = None, micro_batch_size: int = 4) -> None:
         super().__init__()
         self.register_modules(tokenizer=tokenizer, conditioner=conditioner, vae=vae, unet=unet, aligner=aligner,
                               scheduler=scheduler)
         self.register_to_config(g2p_config=g2p_config)
+        self.set_micro_batch_size(micro_batch_size)
         self.cfg = G2PConfig.from_dict(g2p_config) if g2p_config else G2PConfig()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -281,15 +282,39 @@ class G2PDiffusionPipeline(DiffusionPipeline):
 
     def encode_condition(self, barcodes: Sequence[str],
                          places: Sequence[tuple[float | None, float | None]]) -> ConditionerOutput:
-        """Context (B, L, d), mask (B, L) and pooled c (B, d), every barcode at the fixed token length."""
+        """Context (B, L, d), mask (B, L) and pooled c (B, d), every barcode at the fixed token length,
+        in conditioner calls of exactly ``micro_batch_size`` rows (see :meth:`set_micro_batch_size`)."""
         dev = self.device
         enc = self.tokenizer(list(barcodes), padding="max_length", max_length=self.context_length,
                              truncation=True, return_tensors="pt")
         lat = torch.tensor([p[0] if p[0] is not None else 0.0 for p in places])
         lon = torch.tensor([p[1] if p[1] is not None else 0.0 for p in places])
         known = torch.tensor([p[0] is not None for p in places])
-        return self.conditioner(enc["input_ids"].to(dev), enc["attention_mask"].to(dev), lat.to(dev), lon.to(dev),
-                                known.to(dev))
+        inputs = [enc["input_ids"], enc["attention_mask"], lat, lon, known]
+        outs = [self.conditioner(*[x.to(dev) for x in chunk]) for chunk in _fixed_chunks(inputs, self.micro_batch_size)]
+        num = len(barcodes)
+        return ConditionerOutput(context=torch.cat([o.context for o in outs])[:num],
+                                 context_mask=torch.cat([o.context_mask for o in outs])[:num],
+                                 pooled=torch.cat([o.pooled for o in outs])[:num])
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.config["micro_batch_size"])
+
+    def set_micro_batch_size(self, size: int) -> None:
+        """Images per network call (the conditioner, UNet, aligner and VAE always see exactly this many rows).
+
+        Fixed shapes are what make an image independent of its batch: CPU and
+        GPU kernels pick their blocking by batch size, and a 1e-6 change in a
+        noise prediction at t = 999 (where gamma_t ~ 0) grows into visible
+        pixels. A short last chunk is padded with copies whose outputs are
+        dropped. Images are byte-identical between calls with the same size;
+        raise it on a GPU (e.g. 32), keep it small on a CPU, where a padded
+        row costs as much as a real one. Saved in ``model_index.json``.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"micro_batch_size: {size!r} must be an integer >= 1")
+        self.register_to_config(micro_batch_size=size)
 
     def prepare_latents(self, num: int, generator: torch.Generator | list[torch.Generator] | None,
                         latents: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -316,6 +341,25 @@ class G2PDiffusionPipeline(DiffusionPipeline):
     def decode_latents(self, z: Tensor) -> Tensor:
         """Latents -> images in [-1, 1], (N, 3, H, W) float32."""
         return decode(self.vae, z).float()
+
+    def denoise_step(self, ch: "_Chunk", t: Tensor, cfg_scale: float, w: float, cond_fn: CondFn | None,
+                     pass_generator: bool) -> Tensor:
+        """One step of Algorithm 1 on a chunk of exactly ``micro_batch_size`` images: X_t -> X_{t-1}."""
+        x_in = ch.sched.scale_model_input(ch.x, t)  # the variance-preserving X_t for every supported scheduler
+        if cfg_scale != 1.0:  # one UNet pass for the conditional and the null rows
+            null_ctx, null_mask = self.conditioner.null_condition(len(x_in), ch.ctx.shape[1])
+            eps_c, eps_u = self.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([ch.ctx, null_ctx.to(ch.ctx.dtype)]),
+                                              torch.cat([ch.mask, null_mask])).chunk(2)
+            eps = eps_u + cfg_scale * (eps_c - eps_u)
+        else:
+            eps = self.predict_noise(x_in, t, ch.ctx, ch.mask)
+        if cond_fn is not None:  # eq. 8, on the noise prediction
+            tt = t.reshape(-1).expand(len(x_in)).to(self.device)
+            grad = cond_fn(x_in.to(self.aligner.dtype), tt, ch.c.to(self.aligner.dtype))  # (M, C, h, w)
+            alpha_bar = current_alpha_bar(ch.sched, t, ch.sched.alphas_cumprod.to(self.device))
+            eps = condition_score(eps, grad.to(eps.dtype), alpha_bar, w)
+        kw = {"generator": ch.gens} if pass_generator else {}
+        return ch.sched.step(eps, t, ch.x, **kw).prev_sample
 
     # -- the call ------------------------------------------------------------------
     @torch.no_grad()
@@ -368,38 +412,31 @@ class G2PDiffusionPipeline(DiffusionPipeline):
         ctx = cond.context.to(dtype).repeat_interleave(n, dim=0)  # (N, L, d)
         mask = cond.context_mask.bool().repeat_interleave(n, dim=0)  # (N, L)
         c = cond.pooled.repeat_interleave(n, dim=0)  # (N, d)
-        use_cfg = cfg_scale != 1.0
-        if use_cfg:
-            null_ctx, null_mask = self.conditioner.null_condition(num, ctx.shape[1])
-            ctx = torch.cat([ctx, null_ctx.to(dtype)])  # (2N, L, d)
-            mask = torch.cat([mask, null_mask])  # (2N, L)
         cond_fn = self.aligner.cond_fn() if w != 0 else None
-        # 3. noise; a fresh scheduler per call (concurrent calls never share its state)
-        sched = self.scheduler.__class__.from_config(self.scheduler.config)
-        sched.set_timesteps(steps, device=self.device)
+        # 3. noise, image by image; a fresh scheduler per chunk (concurrent calls never share its state)
         gens = _per_image(generator, num)
-        x = self.prepare_latents(num, generator, latents, dtype) * sched.init_noise_sigma  # (N, C, h, w)
-        step_kw = {"generator": gens} if "generator" in inspect.signature(sched.step).parameters else {}
-        alphas_cumprod = sched.alphas_cumprod.to(self.device)
-        # 4. the reverse process
-        for t in self.progress_bar(sched.timesteps):
-            x_in = sched.scale_model_input(x, t)  # the variance-preserving X_t for every supported scheduler
-            if use_cfg:
-                eps_c, eps_u = self.predict_noise(torch.cat([x_in, x_in]), t, ctx, mask).chunk(2)
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
-            else:
-                eps = self.predict_noise(x_in, t, ctx, mask)
-            if cond_fn is not None:
-                tt = t.reshape(-1).expand(num).to(self.device)
-                grad = cond_fn(x_in.to(self.aligner.dtype), tt, c.to(self.aligner.dtype))  # (N, C, h, w)
-                eps = condition_score(eps, grad.to(eps.dtype), current_alpha_bar(sched, t, alphas_cumprod), w)
-            x = sched.step(eps, t, x, **step_kw).prev_sample
+        x = self.prepare_latents(num, generator, latents, dtype)  # (N, C, h, w)
+        m = self.micro_batch_size
+        spare = [torch.Generator().manual_seed(0) for _ in range(m)]  # padded rows never draw from the user's
+        chunks = []
+        for i in range(0, num, m):
+            sched = self.scheduler.__class__.from_config(self.scheduler.config)
+            sched.set_timesteps(steps, device=self.device)
+            k = min(m, num - i)
+            rows = [_pad_rows(v[i:i + m], m) for v in (x, ctx, mask, c)]
+            chunks.append(_Chunk(sched, rows[0] * sched.init_noise_sigma, *rows[1:], gens[i:i + k] + spare[k:], k))
+        step_kw = "generator" in inspect.signature(chunks[0].sched.step).parameters
+        # 4. the reverse process, all chunks in lockstep, so each generator is drawn in image order per step
+        for j, t in enumerate(self.progress_bar(chunks[0].sched.timesteps)):
+            for ch in chunks:
+                ch.x = self.denoise_step(ch, ch.sched.timesteps[j], cfg_scale, w, cond_fn, step_kw)
+        x = torch.cat([ch.x[:ch.real] for ch in chunks])  # (N, C, h, w)
         # 5. decode
         if output_type == "latent":
             images: Any = x
         else:
-            pixels = self.decode_latents(x.to(self.vae.dtype))  # (N, 3, H, W) in [-1, 1]
-            images = to_output(pixels, output_type)
+            pixels = torch.cat([self.decode_latents(z.to(self.vae.dtype)) for (z,) in _fixed_chunks([x], m)])[:num]
+            images = to_output(pixels, output_type)  # (N, 3, H, W) in [-1, 1] -> the output type
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -443,7 +480,8 @@ class G2PDiffusionPipeline(DiffusionPipeline):
         (a ``sampling.scheduler`` name); this pipeline is unchanged, so callers on other threads are safe."""
         parts = {k: v for k, v in self.components.items() if k != "scheduler"}
         other = type(self)(**parts, scheduler=build_scheduler(self.cfg.diffusion, name),
-                           g2p_config=self.cfg.set("sampling.scheduler", name).to_dict())
+                           g2p_config=self.cfg.set("sampling.scheduler", name).to_dict(),
+                           micro_batch_size=self.micro_batch_size)
         other.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return other
 
@@ -506,6 +544,32 @@ def images_uint8(images: Any) -> Tensor:
     if isinstance(images, np.ndarray):
         return torch.from_numpy((images * 255).round().clip(0, 255).astype(np.uint8)).permute(0, 3, 1, 2)
     return torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+
+
+@dataclass
+class _Chunk:
+    """One fixed-size chunk of a call's images and its own scheduler (multistep solvers keep history)."""
+
+    sched: SchedulerMixin
+    x: Tensor  # (M, C, h, w)
+    ctx: Tensor  # (M, L, d)
+    mask: Tensor  # (M, L)
+    c: Tensor  # (M, d)
+    gens: list[torch.Generator]
+    real: int  # the first ``real`` rows are images; the rest pad the chunk to M
+
+
+def _pad_rows(v: Tensor, size: int) -> Tensor:
+    """Rows of ``v`` padded to ``size`` with copies of its last row."""
+    if len(v) == size:
+        return v
+    return torch.cat([v, v[-1:].expand(size - len(v), *v.shape[1:])])
+
+
+def _fixed_chunks(tensors: list[Tensor], size: int) -> list[list[Tensor]]:
+    """The rows of ``tensors`` in chunks of exactly ``size`` rows (the last one padded)."""
+    num = len(tensors[0])
+    return [[_pad_rows(v[i:i + size], size) for v in tensors] for i in range(0, num, size)]
 
 
 def _per_barcode(v: Any, num: int, name: str) -> list[float | None]:

@@ -75,6 +75,22 @@ def test_an_image_depends_only_on_its_own_inputs(pipe, name: str, w: float) -> N
     assert torch.equal(two, same)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "euler"])
+def test_chunk_boundaries_and_shared_generators_change_no_byte(pipe, name: str) -> None:
+    """Networks always see micro_batch_size rows, chunks step in lockstep: an image's bytes do not depend on
+    where chunk boundaries fall, and a generator shared by a request's images is drawn in the same order."""
+    p = pipe.with_scheduler(name)
+    p.set_micro_batch_size(2)
+    kw = dict(num_inference_steps=3, aligner_guidance_scale=1.0, output_type="pt")
+    alone = p(A, 1.0, 2.0, num_images_per_barcode=3, generator=torch.Generator().manual_seed(4), **kw).images
+    ga, gb = torch.Generator().manual_seed(4), torch.Generator().manual_seed(8)
+    batched = p([B, A, A, A, C], 1.0, 2.0, generator=[gb, ga, ga, ga, gb], **kw).images  # boundaries move
+    assert torch.equal(alone, batched[1:4])
+    assert p.micro_batch_size == 2 and pipe.micro_batch_size == 4
+    with pytest.raises(ValueError, match="micro_batch_size: 0"):
+        p.set_micro_batch_size(0)
+
+
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_scheduler_gives_finite_images_and_same_seed_same_bytes(pipe, name: str) -> None:
     p = pipe.with_scheduler(name)
@@ -172,6 +188,10 @@ def test_save_and_load_round_trip_gives_identical_images(pipe, tmp_path: Path) -
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "p" / "tokenizer"))
     assert type(tok).__name__ == "KmerTokenizer" and tok.k == CFG.tokenizer.k
     assert load_pipeline(str(tmp_path / "p")).cfg == pipe.cfg
+    small = pipe.with_scheduler("ddim")
+    small.set_micro_batch_size(3)
+    small.save_pretrained(tmp_path / "q")
+    assert G2PDiffusionPipeline.from_pretrained(str(tmp_path / "q")).micro_batch_size == 3
 
 
 def test_the_fused_unet_predicts_what_the_training_denoiser_does() -> None:
