@@ -9,7 +9,10 @@ POST ``/v1/phenotypes`` back to back for ``--duration`` seconds (after a
 warm-up), and reports throughput (requests/s and images/s), p50/p95/p99
 latency, errors, the mean batch size the model saw, and the batched/unbatched
 throughput ratio (goal: >= 2x at 8 clients, zero errors). Every client sends
-its own seed, so requests are distinct. Without ``--model-dir`` an untrained
+its own seed, so requests are distinct; ``--guidance-scale`` (CFG),
+``--aligner-guidance-scale`` (w) and ``--scheduler`` go into every request
+under those field names. Without ``--model-dir`` (a pipeline folder or an
+old-format generator folder) an untrained
 tiny-preset model is built in a temp folder (real code paths, sampler compute
 much smaller than the default model's: the ratio then mostly measures the
 per-call overhead that batching saves).
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--n", type=int, default=1, help="images per request")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    ap.add_argument("--aligner-guidance-scale", type=float, default=None, help="aligner w (default: the model's)")
+    ap.add_argument("--scheduler", default=None, help="ddim, ddpm, dpmsolver++, unipc or euler (default: model's)")
     ap.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched mode")
     ap.add_argument("--wait", type=float, default=0.05, help="batch_wait_timeout_s")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 s per mode")
@@ -131,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     body = {"barcode": "".join(rng.choice(list("ACGT"), 600)), "latitude": 45.0, "longitude": 10.0,
             "n": args.n, "steps": args.steps}
+    for key in ("guidance_scale", "aligner_guidance_scale", "scheduler"):  # the request's field names
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

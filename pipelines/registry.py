@@ -2,19 +2,24 @@
 
 The registered model (``register.model_name``, default ``g2pdiffusion``) is an
 MLflow pyfunc (:mod:`pipelines.g2p_pyfunc`, logged as a *model from code*, so
-no pickle) whose artifacts are the generator folder (tokenizer, conditioner,
-VAE, UNet + LoRA, aligner, scheduler/sampling config: safetensors + json), the
+no pickle) whose artifacts are the generator folder (a ``G2PDiffusionPipeline``
+folder, ``model_index.json``, or one of the training layout, ``config.json``:
+the pyfunc's ``load_pipeline`` reads both), the
 judge folder (optional: absent -> scores are None and the model's info says
 ``judge: absent``) and the evaluation's ``metrics.json``. It has a signature
 and an input example (one barcode, one image, two steps).
 
-Code: the ``g2p`` package (pure Python, ~0.3 MB) is bundled as ``code_paths``
-(``register.bundle_code``), so ``mlflow.pyfunc.load_model`` works from another
-checkout or with none, given the pinned ``requirements.txt`` the model
-carries. MLflow *prepends* the bundled copy to ``sys.path`` at load time: in a
-process that has already imported ``g2p`` (this repo's tests, the servers)
-that imported ``g2p`` is used, and ``info["g2p_sha256"]`` (a hash of the
-bundled sources) lets one check both are the same.
+Code: the ``g2p`` package (pure Python, ~0.3 MB) and the ``serving`` package
+(the pyfunc validates its rows with ``serving.schema``'s request model, the one
+the HTTP servers use; bundled whole, so a process that loads the model first
+and imports ``serving.core`` later still finds it) are bundled as
+``code_paths`` (``register.bundle_code``), so ``mlflow.pyfunc.load_model``
+works from another checkout or with none, given the pinned
+``requirements.txt`` the model carries. MLflow *prepends* the bundled copies to
+``sys.path`` at load time: in a process that has already imported them (this
+repo's tests, the servers) those imported are used, and ``info["g2p_sha256"]``
+/ ``info["serving_sha256"]`` (hashes of the bundled sources) let one check
+both are the same.
 
 Lifecycle (aliases, not the deprecated stages):
 
@@ -62,7 +67,7 @@ from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API li
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_FILE = Path(__file__).with_name("g2p_pyfunc.py")
 RUNTIME_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas",
-                    "pyarrow", "pillow", "pyyaml", "tqdm", "mlflow")
+                    "pyarrow", "pillow", "pyyaml", "tqdm", "pydantic", "mlflow")
 
 
 # ----------------------------------------------------------------------------
@@ -148,7 +153,8 @@ def resolve_alias(name: str, alias: str, tracking_uri: str | None = None) -> str
 def load_registered(uri: str = "models:/g2pdiffusion@champion", tracking_uri: str | None = None) -> Any:
     """``mlflow.pyfunc.load_model(uri).unwrap_python_model()`` with ``info["model_version"]`` filled in.
 
-    The object has ``.generator``, ``.judge`` (or None), ``.info`` and
+    The object has ``.pipeline`` (a ``G2PDiffusionPipeline``; ``.generator`` is the same object),
+    ``.judge`` (or None), ``.info`` and
     ``.predict(context, df)``. An alias is resolved first and that version
     loaded, so the info names exactly the weights loaded even if the alias
     moves meanwhile.
@@ -176,20 +182,31 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _bundle_g2p(dest: Path) -> tuple[Path, str]:
-    """A copy of the ``g2p`` package's sources (no caches) under ``dest``; and their sha256."""
-    import g2p
+def _bundle_package(name: str, dest: Path, patterns: tuple[str, ...] = ("*.py",)) -> tuple[Path, str]:
+    """A copy of package ``name``'s files matching ``patterns`` (no caches) under ``dest``; and their sha256."""
+    import importlib
 
-    src = Path(g2p.__file__).parent
+    src = Path(importlib.import_module(name).__file__).parent
     h = hashlib.sha256()
-    for f in sorted(src.rglob("*.py")):
+    files = sorted({f for p in patterns for f in src.rglob(p) if f.is_file()})
+    for f in files:
         rel = f.relative_to(src)
         if "__pycache__" in rel.parts:
             continue
         h.update(str(rel).encode() + b"\0" + f.read_bytes())
-        (dest / "g2p" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest / "g2p" / rel)
-    return dest / "g2p", h.hexdigest()
+        (dest / name / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / name / rel)
+    return dest / name, h.hexdigest()
+
+
+def _bundle_g2p(dest: Path) -> tuple[Path, str]:
+    """A copy of the ``g2p`` package's sources (no caches) under ``dest``; and their sha256."""
+    return _bundle_package("g2p", dest)
+
+
+def _bundle_serving(dest: Path) -> tuple[Path, str]:
+    """A copy of the ``serving`` package (sources and the page's static files) under ``dest``; and their sha256."""
+    return _bundle_package("serving", dest, ("*.py", "static/*"))
 
 
 def _signature_and_example(example_barcode: str, steps: int) -> tuple[Any, Any]:
@@ -199,16 +216,18 @@ def _signature_and_example(example_barcode: str, steps: int) -> tuple[Any, Any]:
 
     inputs = Schema([
         ColSpec("string", "barcode"), ColSpec("double", "latitude", required=False),
-        ColSpec("double", "longitude", required=False), ColSpec("long", "num_images", required=False),
+        ColSpec("double", "longitude", required=False), ColSpec("long", "n", required=False),
         ColSpec("long", "steps", required=False), ColSpec("double", "guidance_scale", required=False),
-        ColSpec("double", "cfg_scale", required=False), ColSpec("long", "seed", required=False),
+        ColSpec("double", "aligner_guidance_scale", required=False), ColSpec("string", "scheduler", required=False),
+        ColSpec("long", "seed", required=False),
     ])
     outputs = Schema([
         ColSpec("long", "row"), ColSpec("long", "sample"), ColSpec("string", "barcode"), ColSpec("long", "seed"),
         ColSpec("binary", "image"), ColSpec("double", "score", required=False),
     ])
-    example = pd.DataFrame([{"barcode": example_barcode, "latitude": 45.5, "longitude": -73.6, "num_images": 1,
-                             "steps": steps, "guidance_scale": 1.0, "cfg_scale": 3.0, "seed": 0}])
+    example = pd.DataFrame([{"barcode": example_barcode, "latitude": 45.5, "longitude": -73.6, "n": 1,
+                             "steps": steps, "guidance_scale": 3.0, "aligner_guidance_scale": 1.0,
+                             "scheduler": "ddim", "seed": 0}])
     return ModelSignature(inputs=inputs, outputs=outputs), example
 
 
@@ -237,7 +256,7 @@ def preflight(artifacts: Mapping[str, str], info: Mapping[str, Any], example: An
     except Exception as e:
         raise ValueError(f"register: the model in {artifacts['generator']!r} (judge: {artifacts.get('judge')!r}) "
                          f"does not load or predict with this code: {type(e).__name__}: {e}") from e
-    if list(out.columns) != list(OUTPUT_COLUMNS) or len(out) != int(example["num_images"].sum()):
+    if list(out.columns) != list(OUTPUT_COLUMNS) or len(out) != int(example["n"].sum()):
         raise ValueError(f"register: the input example gave {len(out)} rows with columns {list(out.columns)}")
     return out
 
@@ -276,8 +295,9 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
     root = Path(root or tracking.repo_root())
     gen_dir, judge_dir = root / section.generator_dir, root / section.judge_dir
     metrics_path = root / section.metrics_path
-    if not (gen_dir / "config.json").exists():
-        raise FileNotFoundError(f"register.generator_dir: {str(gen_dir)!r} holds no generator (config.json)")
+    if not ((gen_dir / "model_index.json").exists() or (gen_dir / "config.json").exists()):
+        raise FileNotFoundError(f"register.generator_dir: {str(gen_dir)!r} holds no generator (neither a "
+                                f"pipeline's model_index.json nor a training checkpoint's config.json)")
     if not metrics_path.exists():
         raise FileNotFoundError(f"register.metrics_path: {str(metrics_path)!r} not found (run the evaluate stage)")
     metrics = json.loads(metrics_path.read_text())
@@ -290,16 +310,17 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
     lineage = tracking.lineage_tags(root)
     has_judge = (judge_dir / "config.json").exists() or (judge_dir.is_dir() and any(judge_dir.glob("*.safetensors")))
     with tempfile.TemporaryDirectory() as tmp:
-        code_paths, g2p_sha = None, None
+        code_paths, g2p_sha, serving_sha = None, None, None
         if section.bundle_code:
             pkg, g2p_sha = _bundle_g2p(Path(tmp) / "code")
-            code_paths = [str(pkg)]
+            spkg, serving_sha = _bundle_serving(Path(tmp) / "code")
+            code_paths = [str(pkg), str(spkg)]
         info = {
             "model_name": section.model_name, "model_version": None,
             "git_commit": lineage.get("git.commit"), "git_dirty": lineage.get("git.dirty"),
             "data_version": lineage.get("data.md5"), "params_hash": lineage.get("params.sha256"),
             "eval_config_hash": metrics.get("eval_config_hash"), "judge": "bundled" if has_judge else "absent",
-            "g2p_sha256": g2p_sha,
+            "g2p_sha256": g2p_sha, "serving_sha256": serving_sha,
             "gx": {k[3:]: v for k, v in lineage.items() if k.startswith("gx.")},
         }
         artifacts = {"generator": str(gen_dir), "metrics": str(metrics_path)}

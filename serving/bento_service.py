@@ -9,45 +9,53 @@ for a folder, else ``G2P_MODEL_URI`` (default: ``serve.model_uri``, the
 registry champion) from ``MLFLOW_TRACKING_URI``. ``G2P_PARAMS`` names the
 params file whose ``serve`` section bounds requests (default ``params.yaml``).
 
-Routes: ``POST /v1/phenotypes`` and ``POST /v1/vary`` (BentoML APIs with typed,
-bounded parameters), ``GET /v1/model`` (a mounted FastAPI), BentoML's own
-``/healthz``, ``/readyz``, ``/docs``. Validation is ``serving.schema``'s (the
-model's own barcode and place rules); a broken rule is a 422 naming the field
-and the value, as in the Ray Serve app.
+Routes: ``POST /v1/phenotypes`` and ``POST /v1/vary`` (BentoML APIs whose
+``input_spec`` is ``serving.schema.request_models(serve)``'s model, the one Ray
+Serve's body is typed with, so ``/docs`` states the same bounds), ``GET
+/v1/model`` (a mounted FastAPI), BentoML's own ``/healthz``, ``/readyz``,
+``/docs``. An ASGI middleware validates the two POST bodies with that same
+model first, so a broken rule (or malformed JSON) is the Ray Serve app's 422
+body ``{"detail", "errors": [{field, value, message}]}`` (BentoML's own check
+would be a 400 without the value), and ``timeout_s`` (default
+``serve.request_timeout_s``) is the Ray Serve app's 504 body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from http import HTTPStatus
-from typing import Annotated, Any, Optional
+import time
+from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
-from pydantic import Field, ValidationError
 
 from serving.config import load_serve_section
-from serving.schema import PhenotypeRequest, VaryRequest, error_message
+from serving.schema import error_body, request_models
 
 SECTION = load_serve_section(os.environ.get("G2P_PARAMS", "params.yaml"))
+MODELS = request_models(SECTION)
+CHECKED = {"/v1/phenotypes": MODELS.phenotype, "/v1/vary": MODELS.vary}
 
 
-def _bounds(lo: float, hi: float) -> Any:
-    """Bounds stated in the OpenAPI schema; enforced by ``serving.schema`` so a violation is the same
-    422 naming the field and the value as on Ray Serve (BentoML's own check would be a 400 without the value)."""
-    return Field(json_schema_extra={"minimum": lo, "maximum": hi})
+async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
+    out = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})
 
 
-class JSONBodyCheck:
-    """ASGI middleware: a malformed JSON body on a ``/v1/`` POST is a 422 naming the body (as on Ray Serve)."""
+class RequestCheck:
+    """ASGI middleware for the two POST routes: validate the body with the shared request model (422 naming
+    field and value, as on Ray Serve), then run the route under ``timeout_s`` (504, as on Ray Serve)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        model = CHECKED.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if model is None:
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -55,16 +63,19 @@ class JSONBodyCheck:
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         body = b"".join(chunks)
+        from pydantic import ValidationError
+
         try:
-            json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            out = json.dumps({"error": f"body={body[:60].decode('utf-8', 'replace')!r}: malformed JSON ({e})"}).encode()
-            await send({"type": "http.response.start", "status": 422,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(out)).encode())]})
-            await send({"type": "http.response.body", "body": out})
-            return
-        sent = False
+            req = model.model_validate_json(body)
+        except ValidationError as e:
+            if any(err.get("type") == "json_invalid" for err in e.errors()):
+                shown = body[:60].decode("utf-8", "replace")
+                message = f"body={shown!r}: malformed JSON ({e.errors()[0].get('msg')})"
+                content = {"detail": message, "errors": [{"field": "body", "value": shown, "message": message}]}
+            else:
+                content = error_body(e)
+            return await _send_json(send, 422, content)
+        sent, started = False, False
 
         async def replay() -> dict:
             nonlocal sent
@@ -73,13 +84,22 @@ class JSONBodyCheck:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        async def watch(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
 
-
-class Unprocessable(BentoMLException):
-    """A request that breaks a rule: HTTP 422, the message names the field and the value."""
-
-    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+        timeout = getattr(req, "timeout_s", None) or SECTION.request_timeout_s
+        t0 = time.perf_counter()
+        task = asyncio.ensure_future(self.app(scope, replay, watch))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done or started:
+            return await task
+        task.cancel()
+        await _send_json(send, 504, {
+            "detail": f"timeout: the request ran past {timeout:g} s (timeout_s / serve.request_timeout_s) "
+                      f"and was cancelled; the server keeps serving",
+            "timeout_s": timeout, "elapsed_s": round(time.perf_counter() - t0, 3)})
 
 
 def _source():
@@ -110,49 +130,15 @@ class G2PPhenotypes:
     def model(self) -> dict[str, Any]:
         return self.service.model_info().model_dump()
 
-    def _parse(self, schema: type, data: dict[str, Any]):
-        try:
-            return schema.parse({k: v for k, v in data.items() if v is not None or k in ("latitude", "longitude")},
-                                SECTION)
-        except (ValidationError, ValueError) as e:
-            raise Unprocessable(error_message(e)) from None
-
-    @bentoml.api(route="/v1/phenotypes")
-    def phenotypes(
-        self,
-        barcode: Annotated[str, Field(description="COI barcode (A/C/G/T/N)")],
-        latitude: Optional[float] = None,
-        longitude: Optional[float] = None,
-        n: Optional[Annotated[int, _bounds(1, SECTION.max_n)]] = None,
-        steps: Optional[Annotated[int, _bounds(1, SECTION.max_steps)]] = None,
-        guidance_scale: Optional[Annotated[float, _bounds(0, 50)]] = None,
-        cfg_scale: Optional[Annotated[float, _bounds(0, 50)]] = None,
-        seed: Annotated[int, _bounds(0, 2**63 - 1)] = 0,
-    ) -> dict[str, Any]:
+    @bentoml.api(route="/v1/phenotypes", input_spec=MODELS.phenotype)
+    def phenotypes(self, **fields: Any) -> dict[str, Any]:
         """Generate ``n`` phenotype images (base64 PNG) with judge scores, model and data version."""
-        req = self._parse(PhenotypeRequest, dict(barcode=barcode, latitude=latitude, longitude=longitude, n=n,
-                                                 steps=steps, guidance_scale=guidance_scale, cfg_scale=cfg_scale,
-                                                 seed=seed))
-        return self.service.predict(req).model_dump()
+        return self.service.predict(MODELS.phenotype.model_validate(fields)).model_dump()
 
-    @bentoml.api(route="/v1/vary")
-    def vary(
-        self,
-        barcode: str,
-        latitude: Optional[float] = None,
-        longitude: Optional[float] = None,
-        rates: Optional[list[float]] = None,
-        latitudes: Optional[list[float]] = None,
-        steps: Optional[Annotated[int, _bounds(1, SECTION.max_steps)]] = None,
-        guidance_scale: Optional[Annotated[float, _bounds(0, 50)]] = None,
-        cfg_scale: Optional[Annotated[float, _bounds(0, 50)]] = None,
-        seed: Annotated[int, _bounds(0, 2**63 - 1)] = 0,
-    ) -> dict[str, Any]:
+    @bentoml.api(route="/v1/vary", input_spec=MODELS.vary)
+    def vary(self, **fields: Any) -> dict[str, Any]:
         """Mutation and latitude sweeps (``g2p vary``), one image per variant."""
-        req = self._parse(VaryRequest, dict(barcode=barcode, latitude=latitude, longitude=longitude, rates=rates,
-                                            latitudes=latitudes, steps=steps, guidance_scale=guidance_scale,
-                                            cfg_scale=cfg_scale, seed=seed))
-        return self.service.vary(req).model_dump()
+        return self.service.vary(MODELS.vary.model_validate(fields)).model_dump()
 
 
-G2PPhenotypes.add_asgi_middleware(JSONBodyCheck)
+G2PPhenotypes.add_asgi_middleware(RequestCheck)

@@ -1,24 +1,26 @@
 """Framework-free serving core: ``PhenotypeService.predict_batch(requests) -> responses``.
 
-Ray Serve and BentoML are thin fronts over this module.
+Ray Serve and BentoML are thin fronts over this module; it makes images only
+through :class:`g2p.pipeline.G2PDiffusionPipeline`.
 
-Batching: requests that share (steps, guidance_scale, cfg_scale) run in ONE
-sampler call -- every request contributes ``n`` rows of one batch -- which is
-what makes ``@serve.batch`` pay off. A request's images do not depend on what
-it is batched with:
+Batching: requests that share (steps, guidance_scale, aligner_guidance_scale,
+scheduler) run in ONE pipeline call -- every request contributes ``n`` rows --
+which is what makes ``@serve.batch`` pay off. A request's images do not depend
+on what it is batched with: the pipeline draws noise image by image, so
+request r's rows get the generator list ``[manual_seed(seed_r)] * n_r`` and
 
-- initial noise is drawn per request from its own seed, exactly as
-  ``Generator.generate`` draws it for a single barcode
-  (``torch.randn((n, C, h, w), generator=manual_seed(seed))``);
-- each request is conditioned on its own (no padding to a neighbour's length);
-  contexts are padded to the conditioner's fixed maximum token count, so every
-  row has the same shape whatever the batch holds;
-- aligner guidance contrasts each request's condition only with the negative
-  bank (``Generator`` contrasts against the distinct conditions of its batch,
-  which for one barcode is that barcode alone): the guidance function is called
-  per request slice;
-- DDIM (eta = 0) adds no noise after the first draw. DDPM draws noise at every
-  step from one generator, so under DDPM every request is sampled on its own.
+    pipe([b1] * n1 + [b2] * n2, ..., num_images_per_barcode=1, generator=[g1] * n1 + [g2] * n2)
+
+gives for b1 exactly the images of ``pipe(b1, ..., num_images_per_barcode=n1,
+generator=g1)`` (every scheduler, DDPM's per-step noise included). So an HTTP
+request's PNGs are those of the pipeline called directly with its barcode,
+place, knobs and ``torch.Generator().manual_seed(seed)`` (a request alone in its
+group is answered by literally that call).
+
+Exact bytes whatever the batch: the pipeline runs every network on exactly
+``micro_batch_size`` rows and steps its chunks in lockstep (see
+``G2PDiffusionPipeline.set_micro_batch_size``), so neither a neighbour nor a
+chunk boundary changes a row's arithmetic.
 """
 
 from __future__ import annotations
@@ -26,49 +28,55 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import io
+import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from g2p.data.dataset import to_uint8
-from g2p.diffusion.guidance import make_aligner_cond_fn
-from g2p.diffusion.sampler import sample_latents
-from g2p.diffusion.schedule import build_sampling_scheduler
-from g2p.generate import Generator, to_pil
-from g2p.models.vae import decode
-from g2p.variation import mutation_series
+from g2p.images import png_bytes
+from g2p.pipeline import G2PDiffusionPipeline, images_uint8, load_pipeline
+from g2p.variation import variation_images
 from serving.config import ServeSection
-from serving.schema import ModelInfo, PhenotypeRequest, PhenotypeResponse, VaryRequest, VaryResponse
+from serving.schema import ModelInfo, PhenotypeResponse, VaryResponse, request_models
 
 
 def png_b64(image: Tensor) -> str:
     """uint8 (3, H, W) -> base64 PNG (deterministic bytes for the same pixels)."""
-    buf = io.BytesIO()
-    to_pil(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+class Knobs(NamedTuple):
+    """What a pipeline call shares: requests with equal knobs are answered by one call."""
+
+    steps: int
+    guidance_scale: float
+    aligner_guidance_scale: float
+    scheduler: str
 
 
 @dataclass
 class PhenotypeService:
-    """A loaded generator (+ optional judge) and what it is: ``info`` = model/data version."""
+    """A loaded pipeline (+ optional judge) and what it is: ``info`` = model/data version."""
 
-    generator: Generator
+    pipeline: G2PDiffusionPipeline
     judge: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     section: ServeSection = field(default_factory=ServeSection)
+    _pipes: dict[str, G2PDiffusionPipeline] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- construction -----------------------------------------------------------
     @classmethod
     def from_folders(cls, model_dir: str | Path, judge_dir: str | Path | None = None,
                      section: ServeSection | None = None, device: str = "cpu") -> "PhenotypeService":
-        """Dev/test path: a generator folder and an optional judge folder."""
-        gen = Generator.from_checkpoint(model_dir, device=device)
+        """Dev/test path: a pipeline folder (or an old-format generator folder) and an optional judge folder."""
+        pipe = load_pipeline(str(model_dir), device=device)
         judge = None
         if judge_dir is not None and Path(judge_dir).exists():
             from g2p.judge import Judge
@@ -76,19 +84,18 @@ class PhenotypeService:
             judge = Judge.from_pretrained(judge_dir)  # CPU: it scores the CPU images
         version = folder_version(model_dir, judge_dir)
         info = {"model_version": f"folder:{version}", "data_version": "unknown", "source": str(model_dir)}
-        return cls(gen, judge, info, section or ServeSection())
+        return cls(pipe, judge, info, section or ServeSection())
 
     @classmethod
-    def from_registry(cls, uri: str, tracking_uri: str | None = None,
-                      section: ServeSection | None = None) -> "PhenotypeService":
-        """Production path: ``models:/g2pdiffusion@champion`` through ``pipelines.registry``."""
-        from pipelines.registry import load_registered
-
-        model = load_registered(uri, tracking_uri=tracking_uri)
-        info = {**dict(model.info), "source": uri}
+    def from_registry(cls, uri: str, tracking_uri: str | None = None, section: ServeSection | None = None,
+                      device: str | None = None) -> "PhenotypeService":
+        """Production path: ``models:/g2pdiffusion@champion`` (an alias is resolved first, so the info
+        names exactly the version loaded even if the alias moves meanwhile)."""
+        model, info = load_registered(uri, tracking_uri, device=device)
+        info = {**info, "source": uri}
         info["model_version"] = str(info.get("model_version", "unknown"))
         info["data_version"] = str(info.get("data_version", "unknown"))
-        return cls(model.generator, getattr(model, "judge", None), info, section or ServeSection())
+        return cls(model.pipeline, getattr(model, "judge", None), info, section or ServeSection())
 
     # -- facts ------------------------------------------------------------------
     @property
@@ -100,7 +107,9 @@ class PhenotypeService:
         return str(self.info.get("data_version", "unknown"))
 
     def model_info(self) -> ModelInfo:
-        cfg = self.generator.cfg
+        from serving.schema import SCHEDULER_NAMES
+
+        cfg = self.pipeline.cfg
         sec = self.section
         return ModelInfo(
             model_version=self.model_version, data_version=self.data_version,
@@ -108,131 +117,106 @@ class PhenotypeService:
             has_judge=self.judge is not None, sampling=dataclasses.asdict(cfg.sampling),
             limits={"max_n": sec.max_n, "max_steps": sec.max_steps, "default_n": sec.default_n,
                     "default_steps": sec.default_steps or cfg.sampling.steps,
-                    "max_batch_size": sec.max_batch_size, "request_timeout_s": sec.request_timeout_s},
+                    "max_batch_size": sec.max_batch_size, "request_timeout_s": sec.request_timeout_s,
+                    "max_vary_rates": sec.max_vary_rates, "schedulers": list(SCHEDULER_NAMES)},
             extra={k: v for k, v in self.info.items() if k not in ("model_version", "data_version", "source")},
         )
 
-    def resolved(self, r: PhenotypeRequest) -> tuple[int, int, float, float]:
-        """(n, steps, guidance_scale, cfg_scale) with defaults filled in."""
-        s = self.generator.cfg.sampling
-        n = r.n if r.n is not None else self.section.default_n
+    def knobs(self, r: Any) -> Knobs:
+        """A request's (steps, guidance_scale, aligner_guidance_scale, scheduler), defaults filled in."""
+        s = self.pipeline.cfg.sampling
         steps = r.steps if r.steps is not None else (self.section.default_steps or s.steps)
-        w = s.guidance_scale if r.guidance_scale is None else r.guidance_scale
-        cfg = s.cfg_scale if r.cfg_scale is None else r.cfg_scale
-        return n, steps, float(w), float(cfg)
+        cfg = s.guidance_scale if r.guidance_scale is None else r.guidance_scale
+        w = s.aligner_guidance_scale if r.aligner_guidance_scale is None else r.aligner_guidance_scale
+        return Knobs(int(steps), float(cfg), float(w), r.scheduler or s.scheduler)
+
+    def pipe_for(self, scheduler: str) -> G2PDiffusionPipeline:
+        """The pipeline with ``scheduler``: the loaded one, or a cached sibling sharing its modules."""
+        if scheduler == self.pipeline.cfg.sampling.scheduler:
+            return self.pipeline
+        with self._lock:
+            if scheduler not in self._pipes:
+                self._pipes[scheduler] = self.pipeline.with_scheduler(scheduler)
+            return self._pipes[scheduler]
 
     # -- generation -------------------------------------------------------------
-    @torch.no_grad()
     def generate_images(self, items: Sequence[tuple[str, float | None, float | None, int, int]],
-                        steps: int, w: float, cfg_scale: float) -> list[Tensor]:
-        """Items (barcode, lat, lon, n, seed) sharing steps/w/cfg -> uint8 (n, 3, H, W) each, one sampler call."""
-        m = self.generator.model
-        dev = m.device
-        ctxs, masks, pooled, noise, sizes = [], [], [], [], []
+                        knobs: Knobs) -> list[Tensor]:
+        """Items (barcode, lat, lon, n, seed) sharing ``knobs`` -> uint8 (n, 3, H, W) each, in one pipeline call."""
+        pipe = self.pipe_for(knobs.scheduler)
+        kw = dict(num_inference_steps=knobs.steps, guidance_scale=knobs.guidance_scale,
+                  aligner_guidance_scale=knobs.aligner_guidance_scale, output_type="pt")
+        barcodes, lats, lons, gens, sizes = [], [], [], [], []
         for seq, lat, lon, n, seed in items:
-            known = torch.tensor([lat is not None])
-            c = m.condition([seq], torch.tensor([lat or 0.0]), torch.tensor([lon or 0.0]), known)
-            ctxs.append(c.context.expand(n, -1, -1))
-            masks.append((c.context_mask if c.context_mask is not None
-                           else torch.ones(c.context.shape[:2], dtype=torch.bool, device=dev)).expand(n, -1))
-            pooled.append(c.pooled.expand(n, -1))
-            g = torch.Generator().manual_seed(int(seed))
-            noise.append(torch.randn((n, *m.latent_shape), generator=g, dtype=c.context.dtype))
+            g = torch.Generator().manual_seed(int(seed))  # one per request, drawn image by image
+            barcodes += [seq] * n
+            lats += [lat] * n
+            lons += [lon] * n
+            gens += [g] * n
             sizes.append(n)
-        length = self._context_length(max(x.shape[1] for x in ctxs))
-        context = torch.cat([_pad(x, length, 0.0) for x in ctxs])  # (N, L, d)
-        mask = torch.cat([_pad(x.bool(), length, False) for x in masks])  # (N, L)
-        c = torch.cat(pooled)  # (N, d)
-        latents = torch.cat(noise).to(dev)  # (N, C, h, w)
-        cond_fn = None
-        if w != 0:
-            base = make_aligner_cond_fn(m.aligner, m.negative_bank.to(dev))
+        out = pipe(barcodes, lats, lons, num_images_per_barcode=1, generator=gens, **kw).images
+        return list(torch.split(images_uint8(out), sizes))
 
-            def cond_fn(x_t: Tensor, t: Tensor, cc: Tensor) -> Tensor:  # per request: its own candidates
-                out, i = [], 0
-                for k in sizes:
-                    out.append(base(x_t[i:i + k], t[i:i + k], cc[i:i + k]))
-                    i += k
-                return torch.cat(out)
-
-        sched = build_sampling_scheduler(m.cfg.diffusion, m.cfg.sampling)
-        z = sample_latents(
-            m.denoiser, sched, context, mask, c, latent_shape=m.latent_shape, num_inference_steps=steps,
-            num_samples=1, cfg_scale=cfg_scale, guidance_scale=w, cond_fn=cond_fn, latents=latents,
-        )  # (N, C, h, w)
-        x = to_uint8(decode(m.vae, z)).cpu()  # (N, 3, H, W)
-        return list(torch.split(x, sizes))
-
-    def _context_length(self, longest: int) -> int:
-        """The fixed context length every row is padded to (the tokenizer's maximum)."""
-        m = self.generator.model
-        cap = getattr(m.tokenizer, "model_max_length", None)
-        if isinstance(cap, int) and longest <= cap <= 4096:
-            return cap
-        return longest
-
-    def score(self, images: Tensor, barcode: str) -> list[float] | None:
+    def score(self, images: Tensor, barcodes: Sequence[str]) -> list[float] | None:
         if self.judge is None:
             return None
         with torch.no_grad():
-            s = self.judge.score(images, [barcode] * len(images))
+            s = self.judge.score(images, list(barcodes))
         return [round(float(v), 6) for v in s]
 
-    def predict_batch(self, requests: Sequence[PhenotypeRequest]) -> list[PhenotypeResponse]:
-        """Answer several requests; those sharing (steps, w, cfg) share one sampler call."""
+    def predict_batch(self, requests: Sequence[Any]) -> list[PhenotypeResponse]:
+        """Answer several requests; those sharing their knobs share one pipeline call."""
         t0 = time.perf_counter()
-        knobs = [self.resolved(r) for r in requests]
-        groups: dict[tuple, list[int]] = {}
-        ddpm = self.generator.cfg.sampling.scheduler == "ddpm"
-        for i, (n, steps, w, cfg) in enumerate(knobs):
-            groups.setdefault((steps, w, cfg, i if ddpm else None), []).append(i)
+        knobs = [self.knobs(r) for r in requests]
+        ns = [r.n if r.n is not None else self.section.default_n for r in requests]
+        groups: dict[Knobs, list[int]] = {}
+        for i, k in enumerate(knobs):
+            groups.setdefault(k, []).append(i)
         images: dict[int, Tensor] = {}
-        for (steps, w, cfg, _), idx in groups.items():
-            items = [(requests[i].barcode, requests[i].latitude, requests[i].longitude, knobs[i][0],
-                      requests[i].seed) for i in idx]
-            for i, im in zip(idx, self.generate_images(items, steps, w, cfg)):
+        for k, idx in groups.items():
+            items = [(requests[i].barcode, requests[i].latitude, requests[i].longitude, ns[i], requests[i].seed)
+                     for i in idx]
+            for i, im in zip(idx, self.generate_images(items, k)):
                 images[i] = im
         elapsed = time.perf_counter() - t0
         out = []
         for i, r in enumerate(requests):
-            n, steps, w, cfg = knobs[i]
+            k = knobs[i]
             out.append(PhenotypeResponse(
-                barcode=r.barcode, latitude=r.latitude, longitude=r.longitude, n=n, steps=steps,
-                guidance_scale=w, cfg_scale=cfg, seed=r.seed, images=[png_b64(im) for im in images[i]],
-                scores=self.score(images[i], r.barcode), model_version=self.model_version,
-                data_version=self.data_version, elapsed_s=round(elapsed, 4),
+                barcode=r.barcode, latitude=r.latitude, longitude=r.longitude, n=ns[i], steps=k.steps,
+                guidance_scale=k.guidance_scale, aligner_guidance_scale=k.aligner_guidance_scale,
+                scheduler=k.scheduler, seed=r.seed, images=[png_b64(im) for im in images[i]],
+                scores=self.score(images[i], [r.barcode] * ns[i]), model_version=self.model_version,
+                data_version=self.data_version, elapsed_s=round(elapsed, 4), batch_size=len(requests),
             ))
         return out
 
-    def predict(self, request: PhenotypeRequest) -> PhenotypeResponse:
+    def predict(self, request: Any) -> PhenotypeResponse:
         return self.predict_batch([request])[0]
 
-    def vary(self, r: VaryRequest) -> VaryResponse:
-        """Mutation series (one image per rate) and latitude sweep (one per latitude), one image each."""
-        s = self.generator.cfg.sampling
-        steps = r.steps or self.section.default_steps or s.steps
-        w = s.guidance_scale if r.guidance_scale is None else r.guidance_scale
-        cfg = s.cfg_scale if r.cfg_scale is None else r.cfg_scale
-        mutants = mutation_series(r.barcode, list(r.rates), seed=r.seed)
-        lon = r.longitude if r.longitude is not None else 0.0
-        items = [(b, r.latitude, r.longitude, 1, r.seed) for b in mutants]
-        items += [(r.barcode, la, lon, 1, r.seed) for la in r.latitudes]
-        imgs = self.generate_images(items, steps, float(w), float(cfg))
-        mut = [{"rate": rate, "barcode": b, "image": png_b64(im[0]),
-                "score": (self.score(im, b) or [None])[0]}
-               for rate, b, im in zip(r.rates, mutants, imgs[:len(mutants)])]
-        lat = [{"latitude": la, "image": png_b64(im[0]), "score": (self.score(im, r.barcode) or [None])[0]}
-               for la, im in zip(r.latitudes, imgs[len(mutants):])]
-        return VaryResponse(mutation=mut, latitude=lat, model_version=self.model_version,
-                            data_version=self.data_version)
+    def parse(self, data: Any) -> Any:
+        """A request dict validated with this service's section (``serving.schema.request_models``)."""
+        return request_models(self.section).phenotype.model_validate(data)
 
-
-def _pad(x: Tensor, length: int, value: float | bool) -> Tensor:
-    """Pad dim 1 of (N, L, ...) to ``length`` with ``value``."""
-    if x.shape[1] == length:
-        return x
-    pad = x.new_full((x.shape[0], length - x.shape[1], *x.shape[2:]), value)
-    return torch.cat([x, pad], dim=1)
+    def vary(self, r: Any) -> VaryResponse:
+        """Mutation series (one image per rate) and latitude sweep (one per latitude), through
+        ``g2p.variation.variation_images``: every variant shares the same noise."""
+        k = self.knobs(r)
+        v = variation_images(self.pipe_for(k.scheduler), [r.barcode], [r.latitude], [r.longitude],
+                             rates=list(r.rates), sweep=list(r.latitudes), num_images=1, seed=int(r.seed),
+                             num_inference_steps=k.steps, guidance_scale=k.guidance_scale,
+                             aligner_guidance_scale=k.aligner_guidance_scale)
+        mut_imgs = v.mutation[0, :, 0]  # (R, 3, H, W)
+        lat_imgs = v.latitude[0, :, 0]  # (L, 3, H, W)
+        mut_scores = self.score(mut_imgs, v.mutants[0]) or [None] * len(v.rates)
+        lat_scores = self.score(lat_imgs, [r.barcode] * len(v.latitudes)) or [None] * len(v.latitudes)
+        mut = [{"rate": rate, "barcode": b, "image": png_b64(im), "score": s}
+               for rate, b, im, s in zip(v.rates, v.mutants[0], mut_imgs, mut_scores)]
+        lat = [{"latitude": la, "image": png_b64(im), "score": s}
+               for la, im, s in zip(v.latitudes, lat_imgs, lat_scores)]
+        return VaryResponse(mutation=mut, latitude=lat, steps=k.steps, guidance_scale=k.guidance_scale,
+                            aligner_guidance_scale=k.aligner_guidance_scale, scheduler=k.scheduler,
+                            seed=r.seed, model_version=self.model_version, data_version=self.data_version)
 
 
 def folder_version(model_dir: str | Path, judge_dir: str | Path | None = None) -> str:
@@ -269,21 +253,72 @@ class ModelSource:
         """The version a fresh load would get now (cheap: a registry lookup or a stat)."""
         if self.model_dir is not None:
             return f"folder:{folder_version(self.model_dir, self.judge_dir)}"
-        from pipelines.registry import resolve_alias
-
         name, alias = parse_model_uri(self.model_uri)
-        return str(resolve_alias(name, alias, tracking_uri=self.tracking_uri)) if alias else alias_free(self.model_uri)
+        return resolve_alias(name, alias, self.tracking_uri) if alias else alias_free(self.model_uri)
 
     def load(self, section: ServeSection) -> PhenotypeService:
-        """Load the model; with ``serve.num_gpus`` > 0 and CUDA present the generator goes to the GPU
+        """Load the model; with ``serve.num_gpus`` > 0 and CUDA present the pipeline goes to the GPU
         (the judge stays where it was loaded; noise is drawn on the CPU either way)."""
         device = "cuda" if section.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.model_dir is not None:
             return PhenotypeService.from_folders(self.model_dir, self.judge_dir, section, device=device)
-        svc = PhenotypeService.from_registry(self.model_uri, self.tracking_uri, section)
-        if device != "cpu":
-            svc.generator.model.to(device)
-        return svc
+        return PhenotypeService.from_registry(self.model_uri, self.tracking_uri, section, device=device)
+
+
+# ----------------------------------------------------------------------------
+# the MLflow registry, called directly (serving does not import pipelines/)
+# ----------------------------------------------------------------------------
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the repository's sqlite store (as ``pipelines.tracking`` has it)."""
+    root = Path(__file__).resolve().parents[1]
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str | None) -> Any:
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+def resolve_alias(name: str, alias: str, tracking_uri: str | None = None) -> str:
+    """The version number (as a string) that ``name@alias`` points at; ValueError if none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise ValueError(f"alias: no version of model {name!r} has alias {alias!r}") from None
+
+
+def load_registered(uri: str, tracking_uri: str | None = None, device: str | None = None) -> tuple[Any, dict]:
+    """``mlflow.pyfunc.load_model(uri).unwrap_python_model()`` (it has ``.pipeline``, ``.judge``, ``.info``)
+    and its info with ``model_version`` filled in; an alias is resolved to its version first."""
+    import mlflow
+
+    _client(tracking_uri)  # sets the tracking and registry URIs
+    name, alias = parse_model_uri(uri)
+    rest = uri[len("models:/"):]
+    version = resolve_alias(name, alias, tracking_uri) if alias else (rest.split("/", 1) + [""])[1] or None
+    saved = os.environ.get("G2P_DEVICE")
+    if device is not None:
+        os.environ["G2P_DEVICE"] = device  # the pyfunc's load_context reads it
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}" if version else uri).unwrap_python_model()
+    finally:
+        if device is not None:
+            if saved is None:
+                os.environ.pop("G2P_DEVICE", None)
+            else:
+                os.environ["G2P_DEVICE"] = saved
+    info = {**dict(model.info), "model_uri": uri, "model_name": name}
+    if version:
+        info["model_version"] = version
+    return model, info
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None]:

@@ -14,11 +14,17 @@ the ``serve`` section) and answers a whole batch with one
 version is loaded beside the old one and swapped in with one reference
 assignment: a batch already running keeps the service it started with, so no
 request is dropped.
+
+The ingress's FastAPI app is built on its replica from the ``serve`` section
+(:func:`make_api`, Ray Serve's ``__serve_build_asgi_app__``): the request bodies
+are typed with ``serving.schema.request_models(section)``, so FastAPI validates
+them and the OpenAPI document states the real bounds; a ``RequestValidationError``
+handler answers 422 with ``{"detail", "errors": [{field, value, message}]}``.
+Every route documents each status it returns (200, 404, 422, 500, 503, 504).
 """
 
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -26,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 
 from serving.config import ServeSection
 from serving.core import ModelSource, PhenotypeService
 from serving.records import Records
 from serving.schema import (
-    ModelInfo, PhenotypeRequest, PhenotypeResponse, VaryRequest, VaryResponse, error_details, error_message,
+    ErrorBody, ModelInfo, PhenotypeResponse, TimeoutBody, ValidationErrorBody, VaryResponse, error_body,
+    request_models,
 )
 
 log = logging.getLogger("g2p.serve")
@@ -52,6 +59,7 @@ STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.c
 class PhenotypeModel:
     def __init__(self, source: ModelSource, section: ServeSection) -> None:
         self.source, self.section = source, section
+        self.models = request_models(section)
         self.service: PhenotypeService = source.load(section)
         self.version = self.service.model_version  # what was loaded (an alias may move meanwhile)
         self.reloads = 0
@@ -88,13 +96,10 @@ class PhenotypeModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def predict_batch(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         service = self.service  # snapshot: this batch finishes on the version it started with
-        reqs = [PhenotypeRequest.parse(p, self.section) for p in payloads]
+        reqs = [self.models.phenotype.model_validate(p) for p in payloads]  # validated by the ingress already
 
         def run() -> list[dict[str, Any]]:
-            out = [r.model_dump() for r in service.predict_batch(reqs)]
-            for o in out:
-                o["batch_size"] = len(reqs)
-            return out
+            return [r.model_dump() for r in service.predict_batch(reqs)]
 
         return await asyncio.to_thread(run)
 
@@ -103,7 +108,7 @@ class PhenotypeModel:
 
     async def vary(self, payload: dict[str, Any]) -> dict[str, Any]:
         service = self.service
-        req = VaryRequest.parse(payload, self.section)
+        req = self.models.vary.model_validate(payload)
         return (await asyncio.to_thread(service.vary, req)).model_dump()
 
     def info(self) -> dict[str, Any]:
@@ -119,43 +124,115 @@ class PhenotypeModel:
 
 
 # ----------------------------------------------------------------------------
-# the HTTP ingress
+# the HTTP API: typed bodies from the section's request models, every status documented
 # ----------------------------------------------------------------------------
 
-api = FastAPI(
-    title="G2PDiffusion phenotypes",
-    description="DNA barcode + place -> generated insect phenotype images, judge scores, model and data version.",
-    version="1",
-)
+DESCRIPTION = """DNA barcode + place -> generated insect phenotype images, judge scores, model and data version.
+
+Every rule a request must follow is in the request schemas (bounds from the server's `serve` section);
+a request that breaks one is a 422 naming the field and the value. The images of a request are those of
+`G2PDiffusionPipeline(barcode, latitude, longitude, num_images_per_barcode=n, num_inference_steps=steps,
+guidance_scale, aligner_guidance_scale, generator=torch.Generator().manual_seed(seed))`, whatever the
+request is batched with."""
+
+_422 = {"model": ValidationErrorBody, "description": "the request breaks a rule of the schema: "
+                                                     "each error names the field and the value"}
+_500 = {"model": ErrorBody, "description": "generation failed inside the server (it keeps serving)"}
+_503 = {"description": "the model replica's queue is full (Ray Serve back-pressure); retry later"}
+_504 = {"model": TimeoutBody, "description": "the request ran past timeout_s (default serve.request_timeout_s) "
+                                             "and was cancelled; the server keeps serving"}
+POST_RESPONSES: dict[int | str, dict[str, Any]] = {422: _422, 500: _500, 503: _503, 504: _504}
+GET_RESPONSES: dict[int | str, dict[str, Any]] = {500: _500, 503: _503}
 
 
-def _body_schema(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content=error_body(exc))
 
 
-def _unprocessable(err: Exception) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": error_message(err), "errors": error_details(err)})
+def make_api(section: ServeSection, ingress: Any = None) -> FastAPI:
+    """The FastAPI app of ``section``: typed request bodies (``serving.schema.request_models(section)``)
+    and the responses of every status. ``ingress`` answers (an :class:`Ingress`; None only to read the
+    OpenAPI document)."""
+    models = request_models(section)
+    PhenotypeRequest, VaryRequest = models.phenotype, models.vary
+    api = FastAPI(title="G2PDiffusion phenotypes", description=DESCRIPTION, version="1")
+    api.add_exception_handler(RequestValidationError, _validation_error)
 
+    @api.post("/v1/phenotypes", response_model=PhenotypeResponse, responses=POST_RESPONSES,
+              summary="Generate phenotype images for one barcode and place")
+    async def phenotypes(req: PhenotypeRequest) -> Response:
+        return await ingress.answer("predict", req.model_dump(), req.timeout_s)
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        shown = raw[:60].decode("utf-8", "replace")
-        raise ValueError(f"body={shown!r}: malformed JSON ({e})") from None
+    @api.post("/v1/vary", response_model=VaryResponse, responses=POST_RESPONSES,
+              summary="Mutation and latitude sweeps (g2p vary)")
+    async def vary(req: VaryRequest) -> Response:
+        return await ingress.answer("vary", req.model_dump(), None)
+
+    @api.get("/v1/model", response_model=ModelInfo, responses=GET_RESPONSES,
+             summary="The served model: version, data version, limits")
+    async def model_info() -> Response:
+        return await ingress.answer_get("info")
+
+    @api.get("/healthz", responses=GET_RESPONSES, summary="Liveness: the model replica answers")
+    async def healthz() -> Response:
+        return await ingress.answer_get("health")
+
+    @api.get("/v1/records", responses=GET_RESPONSES,
+             summary="Test records the page offers (barcode, place, species, real image)")
+    async def records() -> list[dict[str, Any]]:
+        return ingress.records.public()
+
+    @api.get("/v1/records/{processid}/image", summary="The real image of a test record",
+             response_class=FileResponse,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "the record's JPEG"},
+                        404: {"model": ErrorBody, "description": "no such record, or it has no image"},
+                        422: _422,
+                        **GET_RESPONSES})
+    async def record_image(processid: str) -> Response:
+        path = ingress.records.image_path(processid)
+        if path is None:
+            return JSONResponse(status_code=404, content={"detail": f"processid={processid!r}: no image"})
+        return FileResponse(path, media_type="image/jpeg")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in STATIC_FILES:
+            return JSONResponse(status_code=404, content={"detail": f"static file {name!r} not found"})
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the request schemas exactly as pydantic states them (FastAPI's own
+        OpenAPI model reads bounds as floats: 2**63 - 1 would come out as 9.223372036854776e18)."""
+        if api.openapi_schema is None:
+            doc = FastAPI.openapi(api)
+            for m in (PhenotypeRequest, VaryRequest):
+                doc["components"]["schemas"][m.__name__] = m.model_json_schema()
+            api.openapi_schema = doc
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+    return api
 
 
 @serve.deployment(max_ongoing_requests=256)
-@serve.ingress(api)
+@serve.ingress()
 class Ingress:
+    """The HTTP ingress; its FastAPI app is built on the replica from the section (``make_api``)."""
+
     def __init__(self, model: Any, section: ServeSection, valid_parquet: str | None = None,
                  data_root: str | None = None) -> None:
         self.model, self.section = model, section
         self.records = Records.load(valid_parquet, data_root)
 
-    async def _call(self, method: str, payload: dict[str, Any], timeout: float) -> Any:
-        resp = getattr(self.model, method).remote(payload)
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.section, self)
+
+    async def _call(self, method: str, payload: Any, timeout: float) -> Any:
+        resp = getattr(self.model, method).remote(*([] if payload is None else [payload]))
 
         async def get() -> Any:
             return await resp
@@ -166,16 +243,11 @@ class Ingress:
             resp.cancel()
             raise
 
-    async def _answer(self, request: Request, schema: type, method: str) -> Response:
+    async def answer(self, method: str, payload: dict[str, Any], timeout_s: float | None) -> Response:
         t0 = time.perf_counter()
+        timeout = timeout_s or self.section.request_timeout_s
         try:
-            data = await _json_body(request)
-            req = schema.parse(data, self.section)
-        except (ValidationError, ValueError) as e:
-            return _unprocessable(e)
-        timeout = getattr(req, "timeout_s", None) or self.section.request_timeout_s
-        try:
-            out = await self._call(method, req.model_dump(), timeout)
+            out = await self._call(method, payload, timeout)
         except asyncio.TimeoutError:
             return JSONResponse(status_code=504, content={
                 "detail": f"timeout: the request ran past {timeout:g} s "
@@ -186,44 +258,12 @@ class Ingress:
             return JSONResponse(status_code=500, content={"detail": f"{method} failed: {type(e).__name__}: {e}"})
         return JSONResponse(out)
 
-    @api.post("/v1/phenotypes", response_model=PhenotypeResponse, openapi_extra=_body_schema(PhenotypeRequest),
-              summary="Generate phenotype images for one barcode and place")
-    async def phenotypes(self, request: Request) -> Response:
-        return await self._answer(request, PhenotypeRequest, "predict")
-
-    @api.post("/v1/vary", response_model=VaryResponse, openapi_extra=_body_schema(VaryRequest),
-              summary="Mutation and latitude sweeps (g2p vary)")
-    async def vary(self, request: Request) -> Response:
-        return await self._answer(request, VaryRequest, "vary")
-
-    @api.get("/v1/model", response_model=ModelInfo, summary="The served model: version, data version, limits")
-    async def model_info(self) -> dict[str, Any]:
-        return await self.model.info.remote()
-
-    @api.get("/healthz", summary="Liveness: the model replica answers")
-    async def healthz(self) -> dict[str, Any]:
-        return await self.model.health.remote()
-
-    @api.get("/v1/records", summary="Test records the page offers (barcode, place, species, real image)")
-    async def records(self) -> list[dict[str, Any]]:
-        return self.records.public()
-
-    @api.get("/v1/records/{processid}/image", summary="The real image of a test record")
-    async def record_image(self, processid: str) -> Response:
-        path = self.records.image_path(processid)
-        if path is None:
-            return JSONResponse(status_code=404, content={"detail": f"processid={processid!r}: no image"})
-        return FileResponse(path, media_type="image/jpeg")
-
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @api.get("/static/{name}", include_in_schema=False)
-    async def static(self, name: str) -> Response:
-        if name not in STATIC_FILES:
-            return JSONResponse(status_code=404, content={"detail": f"static file {name!r} not found"})
-        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+    async def answer_get(self, method: str) -> Response:
+        try:
+            return JSONResponse(await self._call(method, None, self.section.request_timeout_s))
+        except Exception as e:
+            log.exception("g2p serve: %s failed", method)
+            return JSONResponse(status_code=500, content={"detail": f"{method} failed: {type(e).__name__}: {e}"})
 
 
 # ----------------------------------------------------------------------------

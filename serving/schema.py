@@ -1,98 +1,181 @@
-"""Request and response models of the phenotype API (pydantic v2).
+"""Request and response models of the phenotype API (pydantic v2): one definition for every front.
 
-Validation reuses the model's own rules (``check_barcode``,
-``check_coordinates``), so the endpoint accepts exactly what ``Generator``
-does; ``n`` and ``steps`` are bounded by the ``serve`` section. A rule broken
-raises ``ValueError`` naming the field and the value, which FastAPI and
-BentoML turn into a 422.
+The same request models are Ray Serve's typed FastAPI body, BentoML's
+``input_spec`` and the rows the MLflow pyfunc (``pipelines/g2p_pyfunc.py``)
+accepts, with the same field names everywhere::
+
+    barcode, latitude, longitude, n, steps, guidance_scale (CFG),
+    aligner_guidance_scale (the paper's w), scheduler, seed, timeout_s (HTTP)
+
+Bounds come from the ``serve`` section, so the classes are built from it:
+:func:`request_models` (cached per section) returns ``.phenotype`` and
+``.vary``. Every rule the servers enforce is stated in the JSON schema (and so
+in the OpenAPI document): numeric bounds as ``minimum``/``maximum``, list sizes
+as ``minItems``/``maxItems``, the barcode alphabet as a ``pattern`` and its raw
+length as ``minLength``; the rules a schema cannot state (length after
+normalisation, share of ``N``, both coordinates or neither) are in the field
+descriptions. The barcode rules are ``g2p.data.normalise``'s, so the endpoint
+accepts exactly what the pipeline does. A broken rule is a 422 whose body
+(:class:`ValidationErrorBody`) names the field and the value.
 """
 
-from __future__ import annotations
-
+import functools
 import math
-from typing import Any
+import re
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from g2p.data.normalise import check_barcode, check_coordinates
+from g2p.pipeline import SCHEDULERS
+from g2p.data.normalise import AMBIGUITY_CODES, MAX_NUCLEOTIDES, BarcodeRules, check_barcode, check_coordinates
+from g2p.variation import LATITUDES, MUTATION_RATES
 from serving.config import ServeSection
 
+RULES = BarcodeRules()
+MIN_NUCLEOTIDES = RULES.min_length
+MAX_SCALE = 50.0
+MAX_SEED = 2**63 - 1
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
-class PhenotypeRequest(BaseModel):
-    """One barcode and place; ``None`` knobs take the model's sampling defaults.
+# What check_barcode normalises: A C G T N, U (-> T), IUPAC ambiguity codes and ? (-> N), gap characters
+# and whitespace (dropped), in either case. The ECMA-262 form goes to the schema; Python checks the same set.
+_CHARS = "ACGTUN" + AMBIGUITY_CODES.replace("?", "")
+_CLASS = _CHARS + _CHARS.lower() + r"?.~ \t\r\n-"
+BARCODE_PATTERN = f"^[{_CLASS}]+$"
+_BARCODE_RE = re.compile(f"[{_CLASS}]+")
+BARCODE_DESCRIPTION = (
+    f"COI DNA barcode. Accepted characters: A C G T N, U (read as T), the IUPAC ambiguity codes "
+    f"{' '.join(AMBIGUITY_CODES)} (read as N), gap characters - . ~ and whitespace (dropped), in either case. "
+    f"After that normalisation the barcode must be {MIN_NUCLEOTIDES}..{MAX_NUCLEOTIDES} nt long (longer reads "
+    f"are trimmed to {MAX_NUCLEOTIDES} nt), and at most {RULES.max_n_fraction:.0%} of it may be N.")
 
-    Bounds of ``n`` and ``steps`` come from the validation context
-    ``{"serve": ServeSection}`` (``PhenotypeRequest.parse(data, section)``);
-    without one, the section's defaults apply.
-    """
+
+def _check_barcode(v: str) -> str:
+    """The schema's pattern, then ``check_barcode``'s rules; ``ValueError`` naming the field and the value."""
+    if not _BARCODE_RE.fullmatch(v):
+        bad = "".join(sorted({c for c in v if not _BARCODE_RE.fullmatch(c)}))
+        shown = v if len(v) <= 40 else v[:37] + "..."
+        raise ValueError(f"barcode={shown!r}: characters {bad!r} outside the accepted alphabet "
+                         f"(ACGTUN, IUPAC codes, gaps - . ~ and whitespace)")
+    return check_barcode(v, RULES, field="barcode")
+
+
+def _barcode_field() -> Any:
+    return Field(description=BARCODE_DESCRIPTION,
+                 json_schema_extra={"pattern": BARCODE_PATTERN, "minLength": MIN_NUCLEOTIDES},
+                 examples=["ACGT" * 150])
+
+
+Scale = Annotated[float, Field(ge=0.0, le=MAX_SCALE, allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Latitude = Annotated[float, Field(ge=-90.0, le=90.0, allow_inf_nan=False)]
+Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
+
+PLACE = "Give both latitude and longitude, or neither (an unknown place)."
+
+
+class _Request(BaseModel):
+    """What both request models share: the barcode rule, the place rule, ``parse``."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str] = ""
 
-    barcode: str = Field(description="COI barcode (A/C/G/T/N; gaps and case are normalised)")
-    latitude: float | None = Field(None, description="degrees, -90..90; omit both for an unknown place")
-    longitude: float | None = Field(None, description="degrees, -180..180")
-    n: int | None = Field(None, description="number of images (1..serve.max_n)")
-    steps: int | None = Field(None, description="sampling steps (1..serve.max_steps)")
-    guidance_scale: float | None = Field(None, description="aligner guidance w (0 = off), 0..50")
-    cfg_scale: float | None = Field(None, description="classifier-free guidance (1 = off), 0..50")
-    seed: int = Field(0, description="same seed, same images")
-    timeout_s: float | None = Field(None, description="give up after this many seconds (<= serve.request_timeout_s)")
-
-    @field_validator("barcode")
+    @field_validator("barcode", check_fields=False)
     @classmethod
     def _barcode(cls, v: str) -> str:
-        return check_barcode(v, field="barcode")
-
-    @field_validator("n", "steps")
-    @classmethod
-    def _bounded_int(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is None:
-            return v
-        sec = _section(info)
-        hi = sec.max_n if info.field_name == "n" else sec.max_steps
-        if not 1 <= v <= hi:
-            raise ValueError(f"{info.field_name}={v!r}: must be between 1 and {hi} (serve.max_{info.field_name})")
-        return v
-
-    @field_validator("guidance_scale", "cfg_scale")
-    @classmethod
-    def _scale(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v is not None and not (math.isfinite(v) and 0.0 <= v <= 50.0):
-            raise ValueError(f"{info.field_name}={v!r}: must be a number between 0 and 50")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        if not 0 <= v < 2**63:
-            raise ValueError(f"seed={v!r}: must be between 0 and 2**63 - 1")
-        return v
-
-    @field_validator("timeout_s")
-    @classmethod
-    def _timeout(cls, v: float | None, info: ValidationInfo) -> float | None:
-        hi = _section(info).request_timeout_s
-        if v is not None and not (math.isfinite(v) and 0 < v <= hi):
-            raise ValueError(f"timeout_s={v!r}: must be in (0, {hi}] (serve.request_timeout_s)")
-        return v
+        return _check_barcode(v)
 
     @model_validator(mode="after")
-    def _place(self) -> "PhenotypeRequest":
-        try:
-            lat, lon = check_coordinates(self.latitude, self.longitude)
-        except ValueError as e:  # "latitude: 95.0 outside [-90, 90]"
-            raise ValueError(str(e)) from None
-        self.latitude, self.longitude = lat, lon
+    def _place(self) -> Any:
+        lat, lon = check_coordinates(self.latitude, self.longitude)  # "longitude: one coordinate present, ..."
+        self.__dict__.update(latitude=lat, longitude=lon)
         return self
 
     @classmethod
-    def parse(cls, data: Any, section: ServeSection | None = None) -> "PhenotypeRequest":
-        return cls.model_validate(data, context={"serve": section or ServeSection()})
+    def parse(cls, data: Any, section: ServeSection | None = None) -> Any:
+        """Validate ``data`` with the model of this kind built for ``section`` (default: the defaults)."""
+        return getattr(request_models(section or ServeSection()), cls.kind).model_validate(data)
 
 
-def _section(info: ValidationInfo) -> ServeSection:
-    ctx = info.context or {}
-    return ctx.get("serve") or ServeSection()
+class RequestModels(NamedTuple):
+    phenotype: type[BaseModel]
+    vary: type[BaseModel]
+
+
+@functools.lru_cache(maxsize=64)
+def request_models(section: ServeSection = ServeSection()) -> RequestModels:
+    """The request models bounded by ``section`` (``max_n``, ``max_steps``, ``request_timeout_s``,
+    ``max_vary_rates``, ``default_n``); the same section gives the same classes."""
+    max_rates = section.max_vary_rates
+    max_lats = section.max_vary_rates + 3
+    default_rates = list(MUTATION_RATES[:max_rates])
+    default_lats = list(LATITUDES[:max_lats])
+    steps_doc = (f"sampling steps, 1..{section.max_steps}; default: "
+                 + (f"{section.default_steps}" if section.default_steps else "the model's sampling.steps"))
+    sched_doc = f"sampling scheduler, one of {', '.join(SCHEDULER_NAMES)}; default: the model's sampling.scheduler"
+
+    class PhenotypeRequest(_Request):
+        """One barcode and place; knobs left out (or null) take the model's sampling defaults."""
+
+        kind: ClassVar[str] = "phenotype"
+
+        barcode: str = _barcode_field()
+        latitude: Latitude | None = Field(None, description=f"degrees north, -90..90. {PLACE}")
+        longitude: Longitude | None = Field(None, description=f"degrees east, -180..180. {PLACE}")
+        n: Annotated[int, Field(ge=1, le=section.max_n)] | None = Field(
+            section.default_n, description=f"number of images, 1..{section.max_n} (serve.max_n)")
+        steps: Annotated[int, Field(ge=1, le=section.max_steps)] | None = Field(None, description=steps_doc)
+        guidance_scale: Scale | None = Field(
+            None, description="classifier-free guidance scale s (1 = off), 0..50; default: the model's")
+        aligner_guidance_scale: Scale | None = Field(
+            None, description="aligner guidance strength w of the paper (0 = off), 0..50; default: the model's")
+        scheduler: SchedulerName | None = Field(None, description=sched_doc)
+        seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(
+            0, description="the images are those of torch.Generator().manual_seed(seed): same seed, same images")
+        timeout_s: Annotated[float, Field(gt=0, le=section.request_timeout_s, allow_inf_nan=False)] | None = Field(
+            None, description=f"give up after this many seconds (504), in (0, {section.request_timeout_s:g}] "
+                              f"(serve.request_timeout_s, the default)")
+
+    class VaryRequest(_Request):
+        """Mutation and latitude sweeps of ``g2p vary`` (paper 4.4): one image per variant, all from one seed."""
+
+        kind: ClassVar[str] = "vary"
+
+        barcode: str = _barcode_field()
+        latitude: Latitude | None = Field(None, description=f"degrees north, -90..90. {PLACE}")
+        longitude: Longitude | None = Field(
+            None, description=f"degrees east, -180..180 (the latitude sweep uses 0 when absent). {PLACE}")
+        rates: list[Rate] = Field(
+            default=list(default_rates), min_length=1, max_length=max_rates,
+            description=f"mutation rates, each in 0..1, 1..{max_rates} of them (serve.max_vary_rates)")
+        latitudes: list[Latitude] = Field(
+            default=list(default_lats), min_length=1, max_length=max_lats,
+            description=f"latitudes of the sweep, each in -90..90, 1..{max_lats} of them (serve.max_vary_rates + 3)")
+        steps: Annotated[int, Field(ge=1, le=section.max_steps)] | None = Field(None, description=steps_doc)
+        guidance_scale: Scale | None = Field(None, description="classifier-free guidance scale s (1 = off), 0..50")
+        aligner_guidance_scale: Scale | None = Field(None, description="aligner guidance strength w (0 = off), 0..50")
+        scheduler: SchedulerName | None = Field(None, description=sched_doc)
+        seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(0, description="same seed, same images")
+
+    return RequestModels(PhenotypeRequest, VaryRequest)
+
+
+class PhenotypeRequest(_Request):
+    """Parse with the section's model: ``PhenotypeRequest.parse(data, section)``."""
+
+    kind: ClassVar[str] = "phenotype"
+
+
+class VaryRequest(_Request):
+    """Parse with the section's model: ``VaryRequest.parse(data, section)``."""
+
+    kind: ClassVar[str] = "vary"
+
+
+# ----------------------------------------------------------------------------
+# responses
+# ----------------------------------------------------------------------------
 
 
 class PhenotypeResponse(BaseModel):
@@ -101,8 +184,9 @@ class PhenotypeResponse(BaseModel):
     longitude: float | None
     n: int
     steps: int
-    guidance_scale: float
-    cfg_scale: float
+    guidance_scale: float = Field(description="classifier-free guidance scale used")
+    aligner_guidance_scale: float = Field(description="aligner guidance strength w used")
+    scheduler: str
     seed: int
     images: list[str] = Field(description="base64-encoded PNGs, n of them")
     scores: list[float] | None = Field(
@@ -110,6 +194,7 @@ class PhenotypeResponse(BaseModel):
     model_version: str
     data_version: str
     elapsed_s: float
+    batch_size: int = Field(1, description="requests answered by the same pipeline call")
 
 
 class ModelInfo(BaseModel):
@@ -123,88 +208,114 @@ class ModelInfo(BaseModel):
     extra: dict[str, Any] = {}
 
 
-class VaryRequest(BaseModel):
-    """Mutation and latitude sweeps of ``g2p vary`` (paper 4.4): one image per variant."""
+class MutationImage(BaseModel):
+    rate: float
+    barcode: str = Field(description="the mutated barcode")
+    image: str = Field(description="base64 PNG")
+    score: float | None
 
-    model_config = ConfigDict(extra="forbid")
 
-    barcode: str
-    latitude: float | None = None
-    longitude: float | None = None
-    rates: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5])
-    latitudes: list[float] = Field(default_factory=lambda: [-60.0, -30.0, 0.0, 30.0, 60.0])
-    steps: int | None = None
-    guidance_scale: float | None = None
-    cfg_scale: float | None = None
-    seed: int = 0
-
-    @field_validator("barcode")
-    @classmethod
-    def _barcode(cls, v: str) -> str:
-        return check_barcode(v, field="barcode")
-
-    @field_validator("rates", "latitudes")
-    @classmethod
-    def _lists(cls, v: list[float], info: ValidationInfo) -> list[float]:
-        hi = _section(info).max_vary_rates + (3 if info.field_name == "latitudes" else 0)
-        if not 1 <= len(v) <= hi:
-            raise ValueError(f"{info.field_name}: {len(v)} values, must be 1..{hi}")
-        lo_hi = (0.0, 1.0) if info.field_name == "rates" else (-90.0, 90.0)
-        for x in v:
-            if not (math.isfinite(x) and lo_hi[0] <= x <= lo_hi[1]):
-                raise ValueError(f"{info.field_name}: {x!r} outside [{lo_hi[0]}, {lo_hi[1]}]")
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int | None, info: ValidationInfo) -> int | None:
-        hi = _section(info).max_steps
-        if v is not None and not 1 <= v <= hi:
-            raise ValueError(f"steps={v!r}: must be between 1 and {hi} (serve.max_steps)")
-        return v
-
-    @model_validator(mode="after")
-    def _place(self) -> "VaryRequest":
-        self.latitude, self.longitude = check_coordinates(self.latitude, self.longitude)
-        return self
-
-    @classmethod
-    def parse(cls, data: Any, section: ServeSection | None = None) -> "VaryRequest":
-        return cls.model_validate(data, context={"serve": section or ServeSection()})
+class LatitudeImage(BaseModel):
+    latitude: float
+    image: str = Field(description="base64 PNG")
+    score: float | None
 
 
 class VaryResponse(BaseModel):
-    mutation: list[dict[str, Any]] = Field(description="[{rate, barcode, image, score}]")
-    latitude: list[dict[str, Any]] = Field(description="[{latitude, image, score}]")
+    mutation: list[MutationImage]
+    latitude: list[LatitudeImage]
+    steps: int
+    guidance_scale: float
+    aligner_guidance_scale: float
+    scheduler: str
+    seed: int
     model_version: str
     data_version: str
 
 
-def error_details(err: Exception) -> list[dict[str, Any]]:
-    """A pydantic ``ValidationError`` (or ``ValueError``) as [{field, value, message}], each naming both."""
-    from pydantic import ValidationError
+class FieldError(BaseModel):
+    field: str = Field(description="the field (dotted path; 'body' for the body as a whole)")
+    value: Any = Field(None, description="the value given")
+    message: str = Field(description="what is wrong, naming the field and the value")
 
-    if not isinstance(err, ValidationError):
-        return [{"field": "body", "value": None, "message": str(err)}]
+
+class ValidationErrorBody(BaseModel):
+    """422: the request breaks a rule of the request schema."""
+
+    detail: str
+    errors: list[FieldError]
+
+
+class TimeoutBody(BaseModel):
+    """504: the request ran past its timeout and was cancelled."""
+
+    detail: str
+    timeout_s: float
+    elapsed_s: float
+
+
+class ErrorBody(BaseModel):
+    """404 / 500: what was not found, or what failed."""
+
+    detail: str
+
+
+# ----------------------------------------------------------------------------
+# errors naming field and value
+# ----------------------------------------------------------------------------
+
+
+def error_details(err: Any) -> list[dict[str, Any]]:
+    """A pydantic ``ValidationError``, FastAPI's ``RequestValidationError`` (or a ``ValueError``) as
+    [{field, value, message}], each message naming both."""
+    errors = err.errors() if hasattr(err, "errors") and callable(err.errors) else None
+    if errors is None:
+        return [{"field": _field_of(str(err)), "value": None, "message": str(err)}]
     out = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in e.get("loc", ())) or "body"
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        if len(loc) > 1 and loc[0] == "body":
+            loc = loc[1:]
+        loc_s = ".".join(loc) or "body"
         msg = str(e.get("msg", "")).removeprefix("Value error, ")
         value = e.get("input")
-        if loc == "body" and ": " in msg:  # a model-level rule (the place): "latitude: 95.0 outside ..."
-            loc = msg.split(": ", 1)[0]
-        if e.get("type") == "missing":
-            msg = f"{loc}: field required"
-        elif loc != "body" and not msg.startswith(loc.split(".")[-1]) and not msg.startswith(loc):
-            shown = value if not isinstance(value, str) or len(value) <= 40 else value[:37] + "..."
-            msg = f"{loc}={shown!r}: {msg}"
-        out.append({"field": loc, "value": value if _jsonable(value) else repr(value), "message": msg})
+        if e.get("type") == "json_invalid":
+            body = getattr(err, "body", None)
+            shown = body[:60] if isinstance(body, str) else ""
+            loc_s, value = "body", shown
+            msg = f"body={shown!r}: malformed JSON ({(e.get('ctx') or {}).get('error', msg)})"
+        elif loc_s == "body" and ": " in msg and e.get("type") == "value_error":
+            loc_s = _field_of(msg)  # a model-level rule (the place): "longitude: one coordinate present, ..."
+            value = value.get(loc_s) if isinstance(value, dict) else value
+        elif e.get("type") == "missing":
+            msg = f"{loc_s}: field required"
+            value = None
+        elif not msg.startswith(loc_s.split(".")[0]):
+            msg = f"{loc_s}={_shown(value)!r}: {msg}"
+        out.append({"field": loc_s, "value": value if _jsonable(value) else repr(value), "message": msg})
     return out
 
 
-def error_message(err: Exception) -> str:
+def error_message(err: Any) -> str:
     return "; ".join(d["message"] for d in error_details(err))
 
 
+def error_body(err: Any) -> dict[str, Any]:
+    """The 422 body, :class:`ValidationErrorBody`."""
+    details = error_details(err)
+    return {"detail": "; ".join(d["message"] for d in details), "errors": details}
+
+
+def _field_of(msg: str) -> str:
+    head = re.match(r"([A-Za-z_][\w.\[\]]*)\s*[:=]", msg)
+    return head.group(1) if head else "body"
+
+
+def _shown(v: Any) -> Any:
+    return v[:37] + "..." if isinstance(v, str) and len(v) > 40 else v
+
+
 def _jsonable(v: Any) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool))
+    if isinstance(v, list):
+        return len(v) <= 64 and all(_jsonable(x) for x in v)
+    return v is None or isinstance(v, (str, int, float, bool)) and not (isinstance(v, float) and not math.isfinite(v))

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks of the servers: a tiny model folder, a free port, waiting for HTTP."""
+"""Helpers for tests and benchmarks of the servers: tiny model folders (both layouts), a free port, waiting for HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def tiny_model(path: str | Path, seed: int = 0, image_size: int | None = None) -> Path:
-    """An untrained tiny-preset generator saved at ``path`` (noise images, real shapes and code paths)."""
+    """An untrained tiny-preset generator saved at ``path`` in the training layout (``config.json`` +
+    ``denoiser.safetensors``; ``load_pipeline`` converts it): noise images, real shapes and code paths."""
     import torch
 
     from g2p.config import preset
@@ -21,6 +22,20 @@ def tiny_model(path: str | Path, seed: int = 0, image_size: int | None = None) -
         cfg = cfg.set("vae.image_size", image_size)
     torch.manual_seed(seed)
     return G2PDiffusion(cfg).save_pretrained(path)
+
+
+def tiny_pipeline(path: str | Path, seed: int = 0, image_size: int | None = None) -> Path:
+    """The same untrained tiny model as :func:`tiny_model`, saved in the pipeline layout (``model_index.json``)."""
+    import tempfile
+
+    from g2p.pipeline import G2PDiffusionPipeline, load_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_model(Path(tmp) / "model", seed=seed, image_size=image_size)
+        pipe = load_pipeline(str(Path(tmp) / "model"))
+    assert isinstance(pipe, G2PDiffusionPipeline)
+    pipe.save_pretrained(str(path))
+    return Path(path)
 
 
 def free_port() -> int:

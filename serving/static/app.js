@@ -24,7 +24,9 @@ function body(extra) {
   const p = place();
   const b = { barcode: $("barcode").value, latitude: p.lat, longitude: p.lon, seed: Number($("seed").value || 0) };
   if ($("steps").value) b.steps = Number($("steps").value);
-  if ($("guidance").value) b.guidance_scale = Number($("guidance").value);
+  if ($("guidance").value) b.aligner_guidance_scale = Number($("guidance").value);
+  if ($("cfg").value) b.guidance_scale = Number($("cfg").value);
+  if ($("scheduler").value) b.scheduler = $("scheduler").value;
   return Object.assign(b, extra || {});
 }
 
@@ -42,7 +44,7 @@ async function generate(ev) {
     const d = await post("/v1/phenotypes", body({ n: Number($("n").value || 4) }));
     const g = $("generated"); g.replaceChildren();
     d.images.forEach((b64, i) => g.append(figure("data:image/png;base64," + b64, `#${i + 1} · ${fmt(d.scores && d.scores[i])}`, "generated")));
-    $("versions").textContent = `model ${d.model_version} · data ${d.data_version} · ${d.steps} steps · w ${d.guidance_scale} · cfg ${d.cfg_scale} · seed ${d.seed}`;
+    $("versions").textContent = `model ${d.model_version} · data ${d.data_version} · ${d.steps} steps · ${d.scheduler} · w ${d.aligner_guidance_scale} · cfg ${d.guidance_scale} · seed ${d.seed}`;
     $("generated-wrap").hidden = false;
     setStatus(`${d.images.length} images in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   } catch (e) { showError(String(e.message || e)); setStatus(""); }
@@ -88,7 +90,8 @@ async function init() {
     const info = await (await fetch("/v1/model")).json();
     limits = info.limits || {};
     $("n").max = limits.max_n; $("n").value = limits.default_n || 4; $("steps").max = limits.max_steps;
-    $("steps").placeholder = limits.default_steps || info.sampling.steps; $("guidance").placeholder = info.sampling.guidance_scale;
+    $("steps").placeholder = limits.default_steps || info.sampling.steps; $("guidance").placeholder = info.sampling.aligner_guidance_scale;
+    $("cfg").placeholder = info.sampling.guidance_scale; $("scheduler-default").textContent = `model default (${info.sampling.scheduler})`;
     $("model-info").textContent = `Model ${info.model_version}, data ${info.data_version}, ${info.image_size} px, judge: ${info.has_judge ? "yes" : "no"}.`;
   } catch (e) { $("model-info").textContent = "model info unavailable"; }
   try {

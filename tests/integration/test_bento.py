@@ -76,18 +76,26 @@ def server(setup: dict):
         yield url
 
 
-def test_phenotypes_match_the_serving_core_bytewise(server, setup) -> None:
-    from serving.config import load_serve_section
-    from serving.core import PhenotypeService
-    from serving.schema import PhenotypeRequest
+def test_phenotypes_are_the_pipelines_bytes(server, setup) -> None:
+    """The response's PNGs are the pipeline's images, called directly with the request's barcode, place,
+    knobs and a generator seeded with its seed."""
+    import base64
 
-    req = {"barcode": BARCODES[0], "latitude": -12.5, "longitude": 130.0, "n": 3, "steps": 2, "seed": 9}
+    import torch
+
+    from g2p.images import png_bytes
+    from g2p.pipeline import images_uint8, load_pipeline
+
+    req = {"barcode": BARCODES[0], "latitude": -12.5, "longitude": 130.0, "n": 3, "steps": 2, "seed": 9,
+           "guidance_scale": 2.5, "aligner_guidance_scale": 0.5, "scheduler": "unipc"}
     code, out = call(server + "/v1/phenotypes", req)
     assert code == 200, out
     assert len(out["images"]) == 3 and out["model_version"].startswith("folder:") and out["scores"] is None
-    section = load_serve_section(setup["params"])
-    local = PhenotypeService.from_folders(setup["model"], section=section).predict(PhenotypeRequest.parse(req, section))
-    assert out["images"] == local.images  # the same service code answers both fronts
+    assert (out["guidance_scale"], out["aligner_guidance_scale"], out["scheduler"]) == (2.5, 0.5, "unipc")
+    pipe = load_pipeline(str(setup["model"])).with_scheduler("unipc")
+    imgs = pipe(BARCODES[0], -12.5, 130.0, num_images_per_barcode=3, num_inference_steps=2, guidance_scale=2.5,
+                aligner_guidance_scale=0.5, generator=torch.Generator().manual_seed(9), output_type="pt").images
+    assert [base64.b64decode(s) for s in out["images"]] == [png_bytes(im) for im in images_uint8(imgs)]
     assert call(server + "/v1/phenotypes", {**req, "n": None})[1]["n"] == 2  # serve.default_n from G2P_PARAMS
 
 
@@ -96,22 +104,36 @@ def test_model_info_docs_and_vary(server) -> None:
     assert code == 200 and info["limits"]["max_n"] == 6 and info["image_size"] == 32
     spec = call(server + "/docs.json")[1]
     props = spec["paths"]["/v1/phenotypes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert "barcode" in detail(props) and "seed" in detail(props)
+    text = detail(props) + detail(spec.get("components", {}))
+    for field in ("barcode", "seed", "aligner_guidance_scale", "scheduler", "timeout_s"):
+        assert field in text
+    assert '"maximum": 6' in text and '"minLength": 200' in text  # the shared model's bounds
     code, v = call(server + "/v1/vary", {"barcode": BARCODES[1], "rates": [0.3], "latitudes": [45.0], "steps": 1})
     assert code == 200 and len(v["mutation"]) == 1 and len(v["latitude"]) == 1
 
 
 @pytest.mark.parametrize("body, text", [
     ({"barcode": "ACGTXQ" * 100}, "barcode='ACGTXQ"),
-    ({"barcode": BARCODES[0], "latitude": 95.0, "longitude": 1.0}, "latitude 95.0"),
+    ({"barcode": BARCODES[0], "latitude": 95.0, "longitude": 1.0}, "latitude=95.0"),
     ({"barcode": BARCODES[0], "n": 7}, "n=7"),
     ({"barcode": BARCODES[0], "steps": 0}, "steps=0"),
-    ({"barcode": BARCODES[0], "cfg_scale": 99.0}, "cfg_scale=99.0"),
+    ({"barcode": BARCODES[0], "guidance_scale": 99.0}, "guidance_scale=99.0"),
+    ({"barcode": BARCODES[0], "cfg_scale": 3.0}, "cfg_scale=3.0"),
     (b'{"barcode": ', "malformed JSON"),
 ])
 def test_bad_input_is_422_naming_field_and_value(server, body, text) -> None:
     code, out = call(server + "/v1/phenotypes", body)
-    assert code == 422 and text in detail(out), (code, out)
+    assert code == 422 and text in out["detail"], (code, out)  # the Ray Serve app's 422 body
+    assert set(out) == {"detail", "errors"} and out["errors"][0]["field"] in text + " body"
+    with urllib.request.urlopen(server + "/readyz") as r:
+        assert r.status == 200  # still serving
+
+
+def test_bad_sweep_and_timeout(server) -> None:
+    code, out = call(server + "/v1/vary", {"barcode": BARCODES[1], "rates": []})
+    assert code == 422 and out["errors"][0]["field"] == "rates", out
+    code, out = call(server + "/v1/phenotypes", {"barcode": BARCODES[1], "n": 6, "steps": 20, "timeout_s": 0.01})
+    assert code == 504 and out["timeout_s"] == 0.01 and "timeout" in out["detail"], out
     with urllib.request.urlopen(server + "/readyz") as r:
         assert r.status == 200  # still serving
 
@@ -124,8 +146,8 @@ def test_bentoml_build_makes_a_bento_that_serves(setup) -> None:
     tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("g2p_phenotypes:"), r.stdout
     src = Path(env["BENTOML_HOME"]) / "bentos" / "g2p_phenotypes" / tag.split(":")[1] / "src"
-    assert (src / "serving" / "bento_service.py").exists() and (src / "g2p" / "generate.py").exists()
-    assert not (src / "tests").exists()
+    assert (src / "serving" / "bento_service.py").exists() and (src / "g2p" / "pipeline.py").exists()
+    assert not (src / "tests").exists() and not (src / "pipelines").exists()  # serving does not import pipelines/
     with bento_server(tag, env, setup["tmp"] / "bento.log") as url:
         code, out = call(url + "/v1/phenotypes", {"barcode": BARCODES[1], "n": 1, "steps": 2})
         assert code == 200 and len(out["images"]) == 1

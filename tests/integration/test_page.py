@@ -107,7 +107,7 @@ def test_page_submit_a_barcode_and_see_images(server, browser) -> None:
 
     # the sweeps of g2p vary
     drv.find_element(By.ID, "vary").click()
-    wait.until(lambda d: len(loaded_images(d, "img.sweep")) == 4 + 5 and all(loaded_images(d, "img.sweep")))
+    wait.until(lambda d: len(loaded_images(d, "img.sweep")) == 6 + 7 and all(loaded_images(d, "img.sweep")))  # g2p.variation defaults
 
     # a pasted bad barcode: the 422 message names the field and the value
     select.select_by_value("")

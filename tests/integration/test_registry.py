@@ -182,11 +182,12 @@ def test_stage_command_registers_gates_and_load_predicts(repo: Path, store: str,
     model = registry.load_registered(f"models:/{NAME}@champion")
     assert model.info["model_version"] == "1" and model.info["judge"] == "bundled"
     assert model.info["data_version"] == "0123abcd.dir" and len(model.info["git_commit"]) == 40
-    assert model.judge is not None and model.generator.cfg.vae.image_size == CFG.vae.image_size
+    assert model.judge is not None and model.pipeline.cfg.vae.image_size == CFG.vae.image_size
+    assert model.generator is model.pipeline  # the old attribute name still answers
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    example = pd.DataFrame([{"barcode": BARCODE, "latitude": 45.5, "longitude": -73.6, "num_images": 1,
-                             "steps": 2, "guidance_scale": 1.0, "cfg_scale": 3.0, "seed": 0}])
+    example = pd.DataFrame([{"barcode": BARCODE, "latitude": 45.5, "longitude": -73.6, "n": 1,
+                             "steps": 2, "guidance_scale": 3.0, "aligner_guidance_scale": 1.0, "seed": 0}])
     a, b = pyfunc.predict(example), pyfunc.predict(example)
     assert list(a.columns) == ["row", "sample", "barcode", "seed", "image", "score"] and len(a) == 1
     with Image.open(io.BytesIO(a.loc[0, "image"])) as im:
@@ -196,7 +197,7 @@ def test_stage_command_registers_gates_and_load_predicts(repo: Path, store: str,
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     assert info.signature.inputs.input_names()[0] == "barcode" and info.saved_input_example_info
 
-    with pytest.raises(ValueError, match=r"steps\[0\]: 0"):
+    with pytest.raises(ValueError, match=r"steps\[0\]: 0 is invalid"):
         model.predict(None, example.assign(steps=0))
     with pytest.raises(ValueError, match="unknown column 'lat'"):
         model.predict(None, pd.DataFrame([{"barcode": BARCODE, "lat": 1.0}]))
@@ -218,3 +219,21 @@ def test_a_model_that_does_not_load_is_not_registered(repo: Path, store: str, tm
     with pytest.raises(ValueError, match=r"promote.metrics: 'seen.g2pdiffusion.success@1' not found"):
         registry.register(RegisterSection(), PromoteSection(metrics=("seen.g2pdiffusion.success@1",)), root=repo,
                           progress=False)
+
+
+def test_a_pipeline_folder_registers_and_loads(repo: Path, store: str, tmp_path: Path) -> None:
+    """A generator folder of the pipeline layout (model_index.json) registers, and loads with its info."""
+    import shutil
+
+    from g2p.pipeline import load_pipeline
+
+    new = tmp_path / "pipeline"
+    load_pipeline(str(repo / "models" / "g2pdiffusion")).save_pretrained(str(new))
+    assert (new / "model_index.json").exists() and not (new / "config.json").exists()
+    write_metrics(repo, 0.5, 0.5)
+    out = registry.register(RegisterSection(generator_dir=str(new)), PromoteSection(), root=repo, progress=False)
+    assert out["info"]["serving_sha256"] and out["info"]["g2p_sha256"]
+    model = registry.load_registered(f"models:/{NAME}/{out['version']}")
+    frame = model.predict(None, pd.DataFrame([{"barcode": BARCODE, "n": 2, "steps": 2, "seed": 1}]))
+    assert len(frame) == 2 and list(frame["sample"]) == [0, 1]
+    shutil.rmtree(new)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from serving.config import ServeSection, load_serve_section, serve_section
-from serving.testing import free_port, tiny_model, tiny_records, wait_http
+from serving.testing import free_port, tiny_model, tiny_pipeline, tiny_records, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,8 @@ def call(url: str, body: object | bytes | None = None, timeout: float = 60) -> t
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """The Ray Serve app over a symlinked model folder (swapping the link = a new champion)."""
+    """The Ray Serve app over a symlinked model folder (swapping the link = a new champion): the first in the
+    training layout (converted at load), the second in the pipeline layout."""
     import ray
     from ray import serve
 
@@ -47,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
     tmp = tmp_path_factory.mktemp("serve")
     tiny_model(tmp / "model_a", seed=0)
-    tiny_model(tmp / "model_b", seed=1)
+    tiny_pipeline(tmp / "model_b", seed=1)
     link = tmp / "current"
     link.symlink_to(tmp / "model_a", target_is_directory=True)
     valid = tiny_records(tmp / "data", BARCODES[:2])
@@ -74,9 +75,23 @@ def test_health_model_info_and_openapi(server) -> None:
     assert info["has_judge"] is False and info["image_size"] == 32
     spec = call(url + "/openapi.json")[1]
     assert "/v1/phenotypes" in spec["paths"] and "/v1/model" in spec["paths"]
-    body = spec["paths"]["/v1/phenotypes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    fields = {"barcode", "latitude", "longitude", "n", "steps", "guidance_scale", "cfg_scale", "seed"}
-    assert fields <= set(body["properties"])
+    post = spec["paths"]["/v1/phenotypes"]["post"]
+    ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    body = spec["components"]["schemas"][ref]
+    fields = {"barcode", "latitude", "longitude", "n", "steps", "guidance_scale", "aligner_guidance_scale",
+              "scheduler", "seed", "timeout_s"}
+    assert fields == set(body["properties"])
+    p = body["properties"]
+    assert p["barcode"]["minLength"] == 200 and p["barcode"]["pattern"].startswith("^[ACGTUN")
+    assert p["n"]["anyOf"][0]["maximum"] == 6 and p["steps"]["anyOf"][0]["maximum"] == 20  # the section's bounds
+    assert (p["latitude"]["anyOf"][0]["minimum"], p["latitude"]["anyOf"][0]["maximum"]) == (-90, 90)
+    assert (p["longitude"]["anyOf"][0]["minimum"], p["longitude"]["anyOf"][0]["maximum"]) == (-180, 180)
+    assert p["timeout_s"]["anyOf"][0]["maximum"] == 30
+    vary = spec["components"]["schemas"]["VaryRequest"]["properties"]
+    assert vary["rates"]["maxItems"] == 6 and vary["latitudes"]["maxItems"] == 9 and vary["rates"]["minItems"] == 1
+    for route in ("/v1/phenotypes", "/v1/vary"):
+        assert {"200", "422", "500", "504"} <= set(spec["paths"][route]["post"]["responses"])
+    assert "404" in spec["paths"]["/v1/records/{processid}/image"]["get"]["responses"]
     with urllib.request.urlopen(url + "/docs") as r:
         assert r.status == 200 and b"swagger" in r.read().lower()
 
@@ -93,6 +108,32 @@ def test_phenotypes_images_versions_and_same_seed_same_bytes(server) -> None:
     assert call(url + "/v1/phenotypes", req)[1]["images"] == a["images"]
     other = call(url + "/v1/phenotypes", {**req, "seed": 12})[1]
     assert other["images"] != a["images"]
+
+
+def test_http_images_are_the_pipelines_bytes(server) -> None:
+    """A request's PNGs are the pipeline's images, called directly with its barcode, place, knobs and seed."""
+    import torch
+
+    from g2p.images import png_bytes
+    from g2p.pipeline import images_uint8, load_pipeline
+
+    url = server["url"]
+    req = {"barcode": BARCODES[1], "latitude": -33.0, "longitude": 151.0, "n": 2, "steps": 3, "seed": 2024,
+           "guidance_scale": 2.0, "aligner_guidance_scale": 0.5}
+    code, out = call(url + "/v1/phenotypes", req)
+    assert code == 200, out
+    pipe = load_pipeline(str(server["tmp"] / "model_a"))
+    assert call(url + "/v1/model")[1]["extra"]["reloads"] == 0  # still model_a (the reload test comes later)
+    imgs = pipe(BARCODES[1], -33.0, 151.0, num_images_per_barcode=2, num_inference_steps=3, guidance_scale=2.0,
+                aligner_guidance_scale=0.5, generator=torch.Generator().manual_seed(2024), output_type="pt").images
+    assert [base64.b64decode(s) for s in out["images"]] == [png_bytes(im) for im in images_uint8(imgs)]
+    assert (out["guidance_scale"], out["aligner_guidance_scale"], out["scheduler"]) == (2.0, 0.5, "ddim")
+    code, d = call(url + "/v1/phenotypes", {**req, "scheduler": "dpmsolver++"})
+    assert code == 200 and d["scheduler"] == "dpmsolver++"
+    imgs = pipe.with_scheduler("dpmsolver++")(
+        BARCODES[1], -33.0, 151.0, num_images_per_barcode=2, num_inference_steps=3, guidance_scale=2.0,
+        aligner_guidance_scale=0.5, generator=torch.Generator().manual_seed(2024), output_type="pt").images
+    assert [base64.b64decode(s) for s in d["images"]] == [png_bytes(im) for im in images_uint8(imgs)]
 
 
 def test_concurrent_requests_are_batched_and_keep_their_seeds(server) -> None:
@@ -118,6 +159,9 @@ def test_concurrent_requests_are_batched_and_keep_their_seeds(server) -> None:
     ({"barcode": BARCODES[0], "steps": 21}, "steps", "21"),
     ({"barcode": BARCODES[0], "n": "many"}, "n", "many"),
     ({"barcode": BARCODES[0], "guidance_scale": -1}, "guidance_scale", "-1"),
+    ({"barcode": BARCODES[0], "aligner_guidance_scale": 51}, "aligner_guidance_scale", "51"),
+    ({"barcode": BARCODES[0], "scheduler": "plms"}, "scheduler", "plms"),
+    ({"barcode": BARCODES[0], "cfg_scale": 3.0}, "cfg_scale", "3.0"),
     ({"barcode": BARCODES[0], "colour": "red"}, "colour", "red"),
     ({"latitude": 3.0, "longitude": 4.0}, "barcode", "required"),
     (b'{"barcode": "ACGT",', "body", "malformed JSON"),
@@ -127,6 +171,17 @@ def test_bad_input_is_422_naming_field_and_value(server, body, field, value) -> 
     assert code == 422, out
     assert field in out["detail"] and value in out["detail"], out["detail"]
     assert out["errors"][0]["field"] == field
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"barcode": BARCODES[0], "rates": []}, "rates"),
+    ({"barcode": BARCODES[0], "latitudes": []}, "latitudes"),
+    ({"barcode": BARCODES[0], "rates": [0.1] * 7}, "rates"),
+    ({"barcode": BARCODES[0], "latitudes": [91.0]}, "latitudes.0"),
+])
+def test_bad_sweeps_are_422_naming_the_field(server, body, field) -> None:
+    code, out = call(server["url"] + "/v1/vary", body)
+    assert code == 422 and out["errors"][0]["field"] == field and field.split(".")[0] in out["detail"], out
 
 
 def test_timeout_is_a_clear_504_and_the_server_keeps_serving(server) -> None:
