@@ -85,7 +85,7 @@ def run_settings(pipe: Any, judge: Any, arrays: Any, settings: tuple[tuple[str, 
                     f"vs DDIM 25 above -{margin}",
             "num_barcodes": len(barcodes), "num_species": len(names), "samples_per_barcode": samples,
             "cfg_scale": s.guidance_scale, "aligner_guidance_scale": s.aligner_guidance_scale,
-            "torch_threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2)}
+            "torch_threads": torch.get_num_threads(), "micro_batch_size": pipe.micro_batch_size, "load_average": round(os.getloadavg()[0], 2)}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.05, help="non-inferiority margin on species accuracy")
     p.add_argument("--max-barcodes", type=int, default=0, help="0: every record of the split")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--micro-batch", type=int, default=0, help="images per network call (0: the model's)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         judge = Judge.from_pretrained(a.judge).eval()
         arrays = load_data(a.data, [a.split], pipe.cfg.vae.image_size)
         settings = SETTINGS
+    if a.micro_batch:
+        pipe.set_micro_batch_size(a.micro_batch)
     if a.max_barcodes:
         arrays = arrays.subset(np.arange(min(a.max_barcodes, len(arrays))))
     with torch.no_grad():
