@@ -260,8 +260,9 @@ SCHEDULER_NAMES = ("ddim", "ddpm", "dpmsolver++", "unipc", "euler")
 class SamplingConfig:
     """Sampling defaults a saved pipeline carries; diffusers' names (``guidance_scale`` is CFG)."""
 
-    scheduler: Literal["ddim", "ddpm", "dpmsolver++", "unipc", "euler"] = "ddim"
-    steps: int = 25
+    # UniPC 10 steps: chosen on val by `python -m benchmarks sampling` (README, "Choosing the sampler")
+    scheduler: Literal["ddim", "ddpm", "dpmsolver++", "unipc", "euler"] = "unipc"
+    steps: int = 10
     # The default preset's scales were chosen on its trained model with the judge's species
     # accuracy (docs/experiments/README.md); the paper preset keeps w = 1, cfg 3.
     guidance_scale: float = 5.0  # classifier-free guidance (1 = none), as in every diffusers pipeline

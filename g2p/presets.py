@@ -48,7 +48,7 @@ def _tiny() -> G2PConfig:
         ),
         lora=LoRAConfig(rank=4, alpha=4, finetune_base=False),
         aligner=AlignerConfig(width=32, num_layers=1, num_heads=2),
-        sampling=SamplingConfig(steps=4, guidance_scale=3.0, aligner_guidance_scale=1.0, negative_bank_size=8),
+        sampling=SamplingConfig(scheduler="ddim", steps=4, guidance_scale=3.0, aligner_guidance_scale=1.0, negative_bank_size=8),
         **{stage: TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=10)
            for stage in TRAIN_STAGES},
         judge=JudgeConfig(image_size=32, channels=(8, 16), embed_dim=16, dna_hidden_size=16, dna_layers=1,
@@ -87,7 +87,7 @@ def _paper() -> G2PConfig:
         lora=LoRAConfig(rank=16, alpha=16, pooled_embedding=False, finetune_base=False),
         diffusion=DiffusionConfig(beta_schedule="scaled_linear"),
         aligner=AlignerConfig(patch_size=2, width=768, num_layers=6, num_heads=12),
-        sampling=SamplingConfig(steps=50, guidance_scale=3.0, aligner_guidance_scale=1.0, negative_bank_size=256),
+        sampling=SamplingConfig(scheduler="ddim", steps=50, guidance_scale=3.0, aligner_guidance_scale=1.0, negative_bank_size=256),
         pretrain_conditioner=TrainConfig(steps=100_000, batch_size=128, lr=1e-4, warmup_steps=1000),
         train_vae=TrainConfig(steps=0, batch_size=16, lr=1e-5),  # loaded from Stable Diffusion
         train_base=TrainConfig(steps=0, batch_size=128, lr=1e-5),  # loaded from Stable Diffusion
