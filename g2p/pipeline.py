@@ -43,20 +43,23 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (see below)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from torch import Tensor, nn
+from torch import Tensor
 
-from g2p.config import AlignerConfig, ConditionerConfig, ConfigError, DiffusionConfig, G2PConfig, _build
+# Folders saved before g2p.components existed name ("g2p.pipeline", "ConditionerModel") in model_index.json;
+# diffusers then looks up both the class and its base (ModelMixin) in this module, so both are here.
+from g2p.components import (  # noqa: F401
+    AlignerModel, ConditionerModel, alpha_bar_at, build_scheduler, check_scheduler, current_alpha_bar,
+)
+from g2p.config import G2PConfig, _to_plain
 from g2p.data.dataset import to_uint8
 from g2p.data.normalise import check_barcode, check_coordinates
-from g2p.diffusion.guidance import CondFn, condition_score, make_aligner_cond_fn
-from g2p.diffusion.schedule import SCHEDULERS, build_sampling_scheduler
-from g2p.models.aligner import Aligner
-from g2p.models.conditioner import Conditioner, ConditionerOutput
+from g2p.diffusion.guidance import CondFn, condition_score
+from g2p.diffusion.schedule import SCHEDULERS
+from g2p.models.conditioner import ConditionerOutput
 from g2p.models.unet import pool_context
 from g2p.models.vae import decode
 from g2p.tokenizer import KmerTokenizer, max_tokens
@@ -65,142 +68,6 @@ __all__ = ["G2PDiffusionPipeline", "G2PDiffusionPipelineOutput", "ConditionerMod
            "SCHEDULERS", "build_scheduler", "check_scheduler", "current_alpha_bar", "load_pipeline"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-# ----------------------------------------------------------------------------
-# schedulers
-# ----------------------------------------------------------------------------
-
-def build_scheduler(diffusion: DiffusionConfig, name: str) -> SchedulerMixin:
-    """The sampling scheduler ``name`` on the training betas (:func:`g2p.diffusion.schedule.build_sampling_scheduler`)."""
-    try:
-        return build_sampling_scheduler(diffusion, name)
-    except ConfigError as e:
-        raise ValueError(str(e).replace("sampling.scheduler", "scheduler")) from None
-
-
-def scheduler_name(scheduler: SchedulerMixin) -> str:
-    """The ``sampling.scheduler`` name of a scheduler instance (its class name if it has none)."""
-    for name, (cls, extra) in SCHEDULERS.items():
-        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()
-                                          if k == "algorithm_type"):
-            return name
-    return type(scheduler).__name__
-
-
-# EDM schedulers precondition the model's output (c_skip, c_out): not an epsilon interface.
-_PRECONDITIONED = {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}
-
-
-def check_scheduler(scheduler: Any) -> None:
-    """Refuse a scheduler the pipeline cannot guide correctly, naming it.
-
-    Supported: every scheduler of Stable Diffusion's compatible family (the
-    ``_compatibles`` of ``DDPMScheduler``: DDPM, DDIM, PNDM, LMS, Euler, Euler
-    ancestral, Heun, DPM-Solver(++), UniPC, DEIS, KDPM2) that predicts
-    epsilon. They all consume the noise prediction, and their model input
-    ``scale_model_input(x, t)`` is the variance-preserving X_t, so guidance
-    applied to eps (eq. 8, with gamma_t read at t) is right for each of them.
-    """
-    name = type(scheduler).__name__
-    allowed = {c if isinstance(c, str) else c.__name__ for c in DDPMScheduler._compatibles} | {"DDPMScheduler"}
-    allowed -= _PRECONDITIONED
-    if not isinstance(scheduler, SchedulerMixin) or name not in allowed:
-        raise ValueError(f"scheduler: {name} is not supported (it is not an epsilon-space scheduler of "
-                         f"Stable Diffusion's family; supported: {sorted(allowed)})")
-    pred = scheduler.config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ValueError(f"scheduler: {name} with prediction_type={pred!r} is not supported: "
-                         f"the UNet predicts epsilon")
-
-
-def alpha_bar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
-    """gamma_t at a (possibly fractional) timestep: exact at integers, log-sigma interpolation between.
-
-    Sigma-space schedulers (Euler, ...) step at fractional t found by the same
-    log-sigma interpolation, so this is its inverse.
-    """
-    ac = alphas_cumprod.double()
-    tf = t.double().clamp(0, len(ac) - 1)
-    lo = tf.floor().long()
-    hi = (lo + 1).clamp(max=len(ac) - 1)
-    frac = tf - lo.double()
-    if bool((frac == 0).all()):
-        return ac[lo].float()
-    log_sigma = (((1 - ac) / ac).sqrt()).log()
-    ls = (1 - frac) * log_sigma[lo] + frac * log_sigma[hi]
-    return (1.0 / (1.0 + (2 * ls).exp())).float()
-
-
-def current_alpha_bar(scheduler: SchedulerMixin, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """gamma_t of the step being taken: from the scheduler's own sigma where it keeps one
-    (gamma = 1 / (1 + sigma^2), the VP <-> sigma-space relation), else from the table at t."""
-    idx, sigmas = getattr(scheduler, "step_index", None), getattr(scheduler, "sigmas", None)
-    if idx is not None and sigmas is not None and idx < len(sigmas):
-        sigma = sigmas[idx].double()
-        return (1.0 / (1.0 + sigma**2)).float().reshape(1)
-    return alpha_bar_at(alphas_cumprod, t.reshape(1))
-
-
-# ----------------------------------------------------------------------------
-# components that diffusers does not have
-# ----------------------------------------------------------------------------
-
-
-class ConditionerModel(ModelMixin, ConfigMixin):
-    """The environment-enhanced DNA conditioner (paper 3.2) and the null condition of CFG.
-
-    ``conditioner_config`` is :class:`ConditionerConfig` as a dict. The null condition
-    (one learned token, then masked padding) is what classifier-free guidance
-    contrasts with, so it lives beside the conditioner, as the empty prompt's
-    embedding does in Stable Diffusion.
-    """
-
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(self, conditioner_config: dict[str, Any] | None = None, vocab_size: int = 261) -> None:
-        super().__init__()
-        cfg = _build(ConditionerConfig, dict(conditioner_config or {}), "conditioner")
-        self.conditioner = Conditioner(cfg, vocab_size=vocab_size)
-        self.null_context = nn.Parameter(torch.zeros(1, cfg.hidden_size))  # (1, d)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.conditioner.cfg.hidden_size)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, lat: Tensor, lon: Tensor,
-                has_place: Tensor) -> ConditionerOutput:
-        return self.conditioner(input_ids, attention_mask, lat, lon, has_place)
-
-    def null_condition(self, batch: int, length: int) -> tuple[Tensor, Tensor]:
-        """``batch`` copies of the null context padded to ``length`` tokens (B, L, d), and its mask (B, L)."""
-        ctx = self.null_context.new_zeros(batch, length, self.hidden_size)
-        ctx[:, 0] = self.null_context[0]
-        mask = torch.zeros(batch, length, dtype=torch.bool, device=ctx.device)
-        mask[:, 0] = True
-        return ctx, mask
-
-
-class AlignerModel(ModelMixin, ConfigMixin):
-    """The aligner g_phi(X_t, t) of paper 3.4 and the negative bank (M, d) its guidance contrasts with."""
-
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(self, aligner_config: dict[str, Any] | None = None, latent_channels: int = 4,
-                 latent_size: int = 16, embed_dim: int = 128, num_negatives: int = 0) -> None:
-        super().__init__()
-        cfg = _build(AlignerConfig, dict(aligner_config or {}), "aligner")
-        self.aligner = Aligner(cfg, latent_channels, latent_size, embed_dim)
-        self.register_buffer("negative_bank", torch.zeros(num_negatives, embed_dim))  # (M, d)
-
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.aligner(x_t, t)
-
-    def cond_fn(self) -> CondFn:
-        """grad_{x_t} log p_phi(c | x_t) against the negative bank (see guidance.make_aligner_cond_fn)."""
-        return make_aligner_cond_fn(self.aligner, self.negative_bank)
 
 
 @dataclass
@@ -451,7 +318,7 @@ class G2PDiffusionPipeline(DiffusionPipeline):
         from g2p.models.vae import latent_size
 
         cfg: G2PConfig = model.cfg
-        cond = ConditionerModel(conditioner_config=_plain(cfg.conditioner), vocab_size=model.conditioner.vocab_size)
+        cond = ConditionerModel(conditioner_config=_to_plain(cfg.conditioner), vocab_size=model.conditioner.vocab_size)
         cond.conditioner.load_state_dict(model.conditioner.state_dict())
         cond.null_context.data.copy_(model.denoiser.null_context.detach())
         unet = copy.deepcopy(model.denoiser.unet)
@@ -459,7 +326,7 @@ class G2PDiffusionPipeline(DiffusionPipeline):
             unet.fuse_lora(lora_scale=1.0)
             unet.unload_lora()
         bank = model.negative_bank.detach().float()
-        aligner = AlignerModel(aligner_config=_plain(cfg.aligner), latent_channels=cfg.vae.latent_channels,
+        aligner = AlignerModel(aligner_config=_to_plain(cfg.aligner), latent_channels=cfg.vae.latent_channels,
                                latent_size=latent_size(cfg.vae), embed_dim=cfg.conditioner.hidden_size,
                                num_negatives=int(bank.shape[0]))
         aligner.aligner.load_state_dict(model.aligner.state_dict())
@@ -591,12 +458,6 @@ def _per_image(generator: Any, num: int) -> list[torch.Generator | None]:
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     return [generator] * num
-
-
-def _plain(section: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 
 # ----------------------------------------------------------------------------

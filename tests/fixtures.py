@@ -25,7 +25,7 @@ from PIL import Image
 from g2p.data.dataset import Arrays
 from g2p.data.layout import COLUMNS, METADATA_RELPATH, chunk_for, image_relpath
 
-SAMPLE_CSV = Path("/work/shared/bioscan-sample/bioscan5m_sample_25.csv")
+SAMPLE_CSV = Path(__file__).resolve().parent / "data" / "bioscan5m_sample_25.csv"  # shipped, CC BY 3.0
 _RANKS = ("species", "genus", "subfamily", "family", "order", "class", "phylum")  # most specific first
 
 

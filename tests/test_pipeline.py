@@ -188,6 +188,14 @@ def test_save_and_load_round_trip_gives_identical_images(pipe, tmp_path: Path) -
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "p" / "tokenizer"))
     assert type(tok).__name__ == "KmerTokenizer" and tok.k == CFG.tokenizer.k
     assert load_pipeline(str(tmp_path / "p")).cfg == pipe.cfg
+    # folders written before the components moved to g2p.components name g2p.pipeline: they still load
+    idx = tmp_path / "p" / "model_index.json"
+    old = json.loads(idx.read_text())
+    for part in ("conditioner", "aligner"):
+        old[part][0] = "g2p.pipeline"
+    idx.write_text(json.dumps(old))
+    assert torch.equal(G2PDiffusionPipeline.from_pretrained(str(tmp_path / "p")).aligner.negative_bank,
+                       pipe.aligner.negative_bank)
     small = pipe.with_scheduler("ddim")
     small.set_micro_batch_size(3)
     small.save_pretrained(tmp_path / "q")

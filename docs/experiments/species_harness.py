@@ -57,7 +57,7 @@ if __name__ == "__main__":
         model.cfg = model.cfg.set(key, value)
     cfg = model.cfg
     judge = Judge.from_pretrained(f"{ROOT}/models/judge")
-    test = load_data(f"{ROOT}/outputs/prepared/test.safetensors", ["test"], cfg.vae.image_size)
+    test = load_data(f"{ROOT}/outputs/prepared/val.safetensors", ["val"], cfg.vae.image_size)  # choose on val, never test
     if not a.eval_only:
         train = load_data(f"{ROOT}/outputs/prepared/train.safetensors", ["train"], cfg.vae.image_size)
         lat = stages.encode_latents(model, train.images)
