@@ -196,11 +196,11 @@ def bench_preset(name: str, *, warmup: int = 1, steps: int = 8, conditions: int 
     train("VAE", cfg.train_vae, lambda tc, h, u: stages.train_vae(model, data, tc, hooks=h, until=u, **kw))
     latents = stages.encode_latents(model, data.images)
     train("base UNet", cfg.train_base,
-          lambda tc, h, u: stages.train_base(model, latents, tc, hooks=h, until=u, **kw))
+          lambda tc, h, u: stages.train_base(model, data, tc, latents=latents, hooks=h, until=u, **kw))
     train("LoRA + conditioner", cfg.train_diffusion,
-          lambda tc, h, u: stages.train_diffusion(model, data, latents, tc, hooks=h, until=u, **kw))
+          lambda tc, h, u: stages.train_diffusion(model, data, tc, latents=latents, hooks=h, until=u, **kw))
     train("aligner", cfg.train_aligner,
-          lambda tc, h, u: stages.train_aligner(model, data, latents, tc, hooks=h, until=u, **kw))
+          lambda tc, h, u: stages.train_aligner(model, data, tc, latents=latents, hooks=h, until=u, **kw))
     sampled = time_sampling(G2PDiffusionPipeline.from_model(model), data, conditions, per_condition, repeats)
     for piece, (best, median, cpu, peak) in sampled.items():
         add(piece, conditions * per_condition, best, median, cpu, "image", peak)

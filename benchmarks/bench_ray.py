@@ -87,11 +87,11 @@ def run_plain(stage: str, cfg: G2PConfig, data: Arrays, threads: int) -> float:
     else:
         latents = stages.encode_latents(model, data.images)
         if stage == "train_base":
-            stages.train_base(model, latents, tcfg, **kw)
+            stages.train_base(model, data, tcfg, latents=latents, **kw)
         elif stage == "train_diffusion":
-            stages.train_diffusion(model, data, latents, tcfg, **kw)
+            stages.train_diffusion(model, data, tcfg, latents=latents, **kw)
         else:
-            stages.train_aligner(model, data, latents, tcfg, **kw)
+            stages.train_aligner(model, data, tcfg, latents=latents, **kw)
     return steady_rate(rates)
 
 

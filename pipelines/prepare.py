@@ -1,23 +1,32 @@
-"""DVC stage ``prepare``: validated records -> model-ready arrays files, with Ray Data.
+"""DVC stage ``prepare``: validated records -> sharded Parquet datasets, streamed through Ray Data.
 
-Reads ``valid.parquet`` (the records the ``validate`` stage let through) as a
-Ray dataset and decodes + resizes the images of the image splits to
-``vae.image_size`` in ``map_batches`` workers, so the same code spreads a
-BIOSCAN-5M-sized subset over a cluster (``RAY_ADDRESS``) as it spreads the
-embedded benchmark over the local cores. Tokenisation stays in the training
-workers (it depends on ``tokenizer``, which a prepared file should not).
+Reads ``valid.parquet`` (the records ``validate`` let through) as a Ray
+dataset in blocks sized from the data (:func:`pipelines.shards.num_blocks`:
+about 32 MB each, at least two per CPU of the cluster), decodes and resizes
+the images of the image splits to ``vae.image_size`` in ``map_batches``
+tasks spread over the cluster, and writes each split group as a sharded
+dataset (:mod:`pipelines.shards`: Parquet files of about 128 MB, metadata as
+columns, images as raw uint8 bytes). No process ever holds a whole split:
+blocks stream from the reader through the decoders into the writers.
 
-Writes one :func:`pipelines.ray_train.save_arrays` file per split group:
+Groups:
 
-- ``train``, ``val``, ``test``: records with images (uint8, model resolution);
+- ``train``, ``val``, ``test``: records with images;
 - ``pretrain``: barcodes and places of the ``pretrain`` + ``train`` records,
   no images (the conditioner's MLM stage reads barcodes only).
 
-Records keep the order of ``valid.parquet`` within each file.
+Where the files go: beside each group's ``manifest.json`` under ``--out``
+(local ``ray.storage_path``, the laptop case), or, when
+``ray.storage_path`` is an object-store URI, under
+``<storage_path>/prepared/<key>/<group>`` with the manifest under ``--out``
+(what DVC tracks), so workers on other nodes read the shards from the store.
+``--root`` may be a URI too (images in object storage). Order is preserved:
+the same inputs give the same files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,79 +35,123 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines import shards, storage
+
 IMAGE_GROUPS = {"train": ("train",), "val": ("val",), "test": ("test",)}
 BARCODE_GROUPS = {"pretrain": ("pretrain", "train")}
-COLUMNS = ["processid", "split", "dna_barcode", "coord-lat", "coord-lon", "species", "chunk"]
+READ_COLUMNS = ["processid", "split", "dna_barcode", "dna_barcode_normalised", "coord-lat", "coord-lon",
+                "species", "chunk"]
 
 
-def _decode_batch(batch: pd.DataFrame, root: str, size: int, splits: list[str]) -> dict[str, np.ndarray]:
-    """One Ray Data batch: keep the image splits' rows, decode their images at ``size``."""
+def _open_image(root: str, relpath: str, size: int) -> np.ndarray:
     from g2p.data.dataset import load_image
+
+    if not storage.is_uri(root):
+        return load_image(Path(root) / relpath, size)
+    fs, base = storage.filesystem(root)
+    with fs.open_input_file(f"{base.rstrip('/')}/{relpath}") as f:
+        return load_image(f, size)
+
+
+GROUPS = {**{g: (s, True) for g, s in IMAGE_GROUPS.items()}, **{g: (s, False) for g, s in BARCODE_GROUPS.items()}}
+
+
+def _rows(batch: pd.DataFrame, root: str, size: int) -> pd.DataFrame:
+    """One Ray Data batch -> its rows of every group (a record may be in two), images decoded at ``size``.
+
+    One pass over ``valid.parquet`` writes every group: the ``group`` column
+    becomes the Hive partition of the written files.
+    """
+    from g2p.data.dataset import records_from_frame
     from g2p.data.layout import image_relpath
 
-    batch = batch[batch["split"].isin(splits)]
-    images = np.empty((len(batch), 3, size, size), dtype=np.uint8)
-    for i, (pid, split, chunk) in enumerate(zip(batch["processid"], batch["split"], batch["chunk"])):
-        chunk = None if pd.isna(chunk) or chunk == "" else str(chunk)
-        images[i] = load_image(Path(root) / image_relpath(str(pid), str(split), chunk), size)
-    return {"processid": batch["processid"].astype(str).to_numpy(dtype=object), "image": images}
+    records = records_from_frame(batch)
+    parts = []
+    for group, (splits, with_images) in GROUPS.items():
+        rows = records[records["split"].isin(splits)]
+        cols = shards.meta_columns(rows)
+        if with_images:
+            images = np.empty((len(rows), 3, size, size), dtype=np.uint8)
+            for i, (pid, split, chunk) in enumerate(zip(rows["processid"], rows["split"], rows["chunk"])):
+                chunk = None if chunk is None or pd.isna(chunk) or chunk == "" else str(chunk)
+                images[i] = _open_image(root, image_relpath(str(pid), str(split), chunk), size)
+            cols["image"] = shards.pack(images)
+        else:
+            cols["image"] = np.full(len(rows), None, dtype=object)
+        parts.append(pd.DataFrame({**cols, "group": group}))
+    return pd.concat(parts, ignore_index=True)
 
 
-def decode_images(valid: str | Path, root: str | Path, size: int, splits: list[str],
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
-    """processid -> uint8 (3, S, S) image, for rows of ``splits`` (Ray Data)."""
+def content_key(valid: str | Path, image_size: int) -> str:
+    """What decides the prepared files: the validated records and the resolution."""
+    h = hashlib.sha256(f"{image_size}|".encode())
+    with open(valid, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _clear(path: str) -> None:
+    fs, p = storage.filesystem(path)
+    try:
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+    except OSError as e:
+        raise storage.StorageError(f"{path}: storage unreachable ({e})") from None
+
+
+def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: int,
+            storage_path: str = "outputs/ray", progress: bool = True) -> dict[str, Any]:
+    """Write ``out/<group>/`` (a sharded dataset) for every split group; a summary."""
+    import pyarrow.parquet as pq
     import ray.data
 
     from pipelines.ray_train import ensure_ray
 
+    t0 = time.perf_counter()
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(str(Path(valid).resolve()), columns=["processid", "split", "chunk"],
-                               override_num_blocks=4)
-    out = ds.map_batches(_decode_batch, batch_format="pandas", batch_size=batch_size,
-                         fn_kwargs={"root": str(Path(root).resolve()), "size": size, "splits": list(splits)})
-    images: dict[str, np.ndarray] = {}  # keyed by processid (unique): Ray Data may reorder blocks
-    for b in out.iter_batches(batch_format="numpy", batch_size=256):
-        images.update(zip(b["processid"].tolist(), b["image"]))
-    return images
+    ctx.execution_options.preserve_order = True  # the same inputs give the same files
+    ctx.enable_progress_bars = progress
+    valid, out = Path(valid), Path(out)
+    schema = pq.read_schema(valid)
+    columns = [c for c in READ_COLUMNS if c in schema.names]
+    split_counts = pd.read_parquet(valid, columns=["split"])["split"].value_counts().to_dict()
+    n = int(sum(split_counts.values()))
+    cpus = shards.cluster_cpus()
+    per_row = shards.row_bytes(image_size)
+    blocks = shards.num_blocks(n, per_row, cpus)
+    key = content_key(valid, image_size)
+    # Where the files go: under --out (local storage) or content-keyed in the object store.
+    base = storage.join(storage_path, "prepared", key) if shards.remote(storage_path) \
+        else storage.resolve(out / "_files")
+    if out.exists():
+        import shutil
 
-
-def _arrays(records: pd.DataFrame, images: np.ndarray | None) -> Any:
-    import torch
-
-    from g2p.data.dataset import load_arrays
-
-    arrays = load_arrays(".", records, None)  # places, barcodes, species: no file reads without a size
-    arrays.images = None if images is None else torch.from_numpy(images)
-    return arrays
-
-
-def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: int) -> dict[str, Any]:
-    """Write ``out/<group>.safetensors`` for every split group; a summary."""
-    from g2p.data.dataset import records_from_frame
-    from pipelines.ray_train import save_arrays
-
-    t0 = time.perf_counter()
-    df = pd.read_parquet(valid)
-    records = records_from_frame(df).reset_index(drop=True)
-    image_splits = sorted({s for group in IMAGE_GROUPS.values() for s in group})
-    images = decode_images(valid, root, image_size, image_splits)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"image_size": image_size, "records": {}}
-    for name, splits in IMAGE_GROUPS.items():
-        rows = np.flatnonzero(records["split"].isin(splits).to_numpy())
-        pids = records["processid"].to_numpy()[rows]
-        stack = np.stack([images[str(pid)] for pid in pids]) if len(rows) else \
-            np.empty((0, 3, image_size, image_size), dtype=np.uint8)
-        save_arrays(_arrays(records.iloc[rows], stack), out / f"{name}.safetensors")
-        summary["records"][name] = int(len(rows))
-    for name, splits in BARCODE_GROUPS.items():
-        rows = np.flatnonzero(records["split"].isin(splits).to_numpy())
-        save_arrays(_arrays(records.iloc[rows], None), out / f"{name}.safetensors")
-        summary["records"][name] = int(len(rows))
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _clear(base)
+    fs, target = storage.filesystem(base)
+    ds = ray.data.read_parquet(str(valid.resolve()), columns=columns, override_num_blocks=blocks)
+    decoded = ds.map_batches(_rows, batch_format="pandas", batch_size=max(16, -(-n // blocks)),
+                             fn_kwargs={"root": storage.resolve(root), "size": image_size})
+    try:
+        decoded.write_parquet(target, filesystem=fs, partition_cols=["group"],
+                              min_bytes_per_file=shards.TARGET_FILE_BYTES)
+    except Exception as e:  # a Ray task's error: name where it was reading and writing
+        raise storage.StorageError(f"{base}: writing the prepared shards (images under {root}) failed: {e}") from e
+    summary: dict[str, Any] = {"image_size": image_size, "records": {}, "cpus": cpus, "blocks": blocks,
+                               "location": base}
+    for name, (splits, with_images) in GROUPS.items():
+        rows = int(sum(split_counts.get(s, 0) for s in splits))
+        loc = storage.join(base, f"group={name}") if shards.remote(storage_path) else f"../_files/group={name}"
+        shards.write_manifest(out / name, loc, rows=rows, image_size=image_size if with_images else None,
+                              splits=list(splits), group=name, content_key=key)
+        summary["records"][name] = rows
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["records_per_s"] = round(n / max(summary["seconds"], 1e-9), 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"prepare: {n} records in {summary['seconds']} s ({summary['records_per_s']} records/s, "
+          f"{blocks} blocks over {cpus} CPUs) -> {base}", flush=True)
     return summary
 
 
@@ -106,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from g2p.config import load_params
+    from pipelines.ray_train import load_ray_section
 
-    p = argparse.ArgumentParser(description="Validated records -> model-ready arrays files (Ray Data).")
+    p = argparse.ArgumentParser(description="Validated records -> sharded Parquet datasets (Ray Data).")
     p.add_argument("--valid", default="outputs/validation/valid.parquet")
-    p.add_argument("--root", default="data", help="the BIOSCAN-5M-layout root the images live under")
+    p.add_argument("--root", default="data", help="the BIOSCAN-5M-layout root the images live under (path or URI)")
     p.add_argument("--out", default="outputs/prepared")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
     a = p.parse_args(argv)
     cfg = load_params(a.params)
-    summary = prepare(a.valid, a.root, a.out, cfg.vae.image_size)
+    summary = prepare(a.valid, a.root, a.out, cfg.vae.image_size, load_ray_section(a.params).storage_path,
+                      progress=not a.quiet)
     print(json.dumps(summary))
     return 0
 

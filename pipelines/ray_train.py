@@ -56,10 +56,12 @@ from g2p.train.loop import FitState, Hooks
 STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner")
 HooksFactory = Callable[[int, int], Hooks]  # (rank, world_size) -> Hooks, called inside each worker
 LOG_NAME = "metrics.jsonl"
+LOG_FLUSH_S = 5.0  # how often rank 0 rewrites the step log to storage between checkpoints
 # How often Train V2's controller polls workers (and so takes their reports);
 # its default is 2 s. Also how soon a dead worker is noticed.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_S = "0.2"
+DATA_CPUS = 1  # logical CPUs a local Ray adds for Ray Data's streaming readers (see ensure_ray)
 
 
 # ----------------------------------------------------------------------------
@@ -135,7 +137,9 @@ def ensure_ray(num_cpus: int | None = None) -> float:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine: nothing to preempt
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_port=port,
+        # One logical CPU beyond the cores: training workers reserve theirs, and
+        # Ray Data's readers, which stream the shards to them, need one left.
+        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + DATA_CPUS, include_dashboard=True, dashboard_port=port,
                  logging_level=logging.WARNING)
     return time.perf_counter() - t0
 
@@ -145,12 +149,71 @@ class StageRun:
     """What :func:`run_stage` gives back: Ray's result, the final model folder and the step log."""
 
     result: Any  # ray.train.Result
-    model_dir: Path  # the final G2PDiffusion folder (save_pretrained layout)
-    log_path: Path  # one JSON line per logged step / attempt start (rank 0)
+    model_dir: Path  # the final G2PDiffusion folder (save_pretrained layout), on the driver's disk
+    log_path: str  # one JSON line per logged step / attempt start (rank 0); a path or a storage URI
     seconds: float  # wall time of trainer.fit()
 
     def log(self) -> list[dict[str, Any]]:
         return read_log(self.log_path)
+
+
+# Which columns of a sharded dataset each stage reads (the MLM never reads image bytes).
+STAGE_COLUMNS = {
+    "pretrain_conditioner": ["barcode", "lat", "lon", "has_place"],
+    "train_vae": ["image"],
+    "train_base": ["latent"],
+    "train_diffusion": ["barcode", "lat", "lon", "has_place", "latent"],
+    "train_aligner": ["barcode", "lat", "lon", "has_place", "latent"],
+}
+LATENT_STAGES = ("train_base", "train_diffusion", "train_aligner")
+
+
+def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+    """(the worker's view of ``data``, the Ray datasets to stream) for a sharded dataset, else in-memory.
+
+    A pass over a Ray dataset costs a second or more to start (the split
+    coordinator, the read tasks), which a small data set of a few steps per
+    epoch would pay at every epoch. So one *pass* holds ``repeats`` copies of
+    the data, enough rows for the whole stage (capped at 64): BIOSCAN-size
+    data is a single copy, the embedded default a few. Block order is
+    randomised over the whole pass, and every pass again.
+    """
+    import ray.data
+
+    from pipelines import shards
+
+    if not shards.is_shards(data):
+        return {"data": str(Path(data).resolve()), "manifest": None}, None
+    m = shards.read_manifest(data)
+    if stage in LATENT_STAGES and not m.get("latent"):
+        raise shards.ShardsError(f"{data}: {stage} trains on latents; this dataset has none "
+                                 "(encode it with python -m pipelines.latents)")
+    if stage == "train_vae" and not m.get("image_size"):
+        raise shards.ShardsError(f"{data}: train_vae trains on images; this dataset has none")
+    cpus = shards.cluster_cpus()
+    if cpus - scaling.num_workers * scaling.cpus_per_worker < 1:  # else Ray Data's readers wait forever
+        raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
+                          f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
+    need = tcfg.steps * tcfg.batch_size
+    repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
+    ds = shards.ray_dataset(data, STAGE_COLUMNS[stage], repeats=repeats)
+    return {"data": None, "manifest": {**m, "rows": m["rows"] * repeats, "repeats": repeats}}, {"train": ds}
+
+
+def _model_input(init_model: str | Path | None, storage: str, run_name: str) -> str | None:
+    """Where workers load the starting model from: its path, or a copy in remote storage (no shared disk)."""
+    from pipelines import shards
+    from pipelines import storage as st
+
+    if not init_model:
+        return None
+    if not shards.remote(storage):
+        return str(Path(init_model).resolve())
+    dest = st.join(storage, run_name, "init_model")
+    if not st.exists(st.join(dest, "config.json")):
+        st.upload(init_model, dest)
+    return dest
 
 
 def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, init_model: str | Path | None = None,
@@ -158,35 +221,46 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
               storage_path: str | Path | None = None, hooks_factory: HooksFactory | None = None) -> StageRun:
     """Train ``stage`` on Ray workers; resumes the run ``storage_path/run_name`` if it exists.
 
-    ``data`` is an arrays file (:func:`save_arrays`) or a BIOSCAN-5M-layout root
-    (records of ``splits``); ``init_model`` a ``save_pretrained`` folder to
-    start from (the previous stage's output); none builds ``G2PDiffusion(cfg)``.
-    Workers load both themselves: only paths travel. ``hooks_factory(rank,
-    world_size)`` adds hooks inside each worker (it must pickle).
+    ``data`` is a sharded dataset folder (:mod:`pipelines.shards`: prepared
+    records, or latents for the latent stages), streamed to the workers by Ray
+    Data (``TorchTrainer(datasets=...)``, each worker iterating its
+    ``get_dataset_shard``); or, for small runs and tests, an arrays file
+    (:func:`save_arrays`) or a BIOSCAN-5M-layout root (records of
+    ``splits``) that every worker loads whole. ``init_model`` is a
+    ``save_pretrained`` folder to start from (the previous stage's output;
+    copied to ``storage_path`` first when that is an object store); none
+    builds ``G2PDiffusion(cfg)``. ``storage_path`` (default
+    ``scaling.storage_path``) is a local path or a URI (``s3://bucket/prefix``,
+    with ``?endpoint_override=HOST:PORT&scheme=http`` for an S3-compatible
+    store): checkpoints, the step log and the model copy go there.
+    ``hooks_factory(rank, world_size)`` adds hooks inside each worker (it must pickle).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines import storage as st
+
     if stage not in STAGES:
         raise ValueError(f"stage: {stage!r} is not one of {STAGES}")
+    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)  # read by the controller (and sent in a cluster's runtime_env)
     ensure_ray()
-    os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)  # read by the controller, which Ray starts from here
-    storage = Path(storage_path or scaling.storage_path).resolve()
-    log_path = storage / run_name / LOG_NAME
+    storage = st.resolve(storage_path or scaling.storage_path)
+    log_path = st.join(storage, run_name, LOG_NAME)
+    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage))
     worker_cfg = {
-        "stage": stage, "cfg": cfg.to_json(), "data": str(Path(data).resolve()), "splits": list(splits),
-        "init_model": str(Path(init_model).resolve()) if init_model else None, "ray": asdict(scaling),
-        "log_path": str(log_path), "hooks_factory": hooks_factory,
+        "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
+        "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
+        "log_path": log_path, "hooks_factory": hooks_factory,
     }
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config=worker_cfg,
+        _worker_loop, train_loop_config=worker_cfg, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep or None),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -197,15 +271,40 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     seconds = time.perf_counter() - t0
     ckpt = result.checkpoint  # on local storage the persisted folder itself, else a downloaded copy
     if ckpt is None:
-        raise RuntimeError(f"{storage / run_name}: the run finished without a checkpoint")
+        raise RuntimeError(f"{st.join(storage, run_name)}: the run finished without a checkpoint")
     local = type(ckpt.filesystem).__name__ == "LocalFileSystem"
     model_dir = Path(ckpt.path if local else ckpt.to_directory()) / "model"
     return StageRun(result=result, model_dir=model_dir, log_path=log_path, seconds=seconds)
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    """The step log's rows (none if it does not exist yet); ``path`` a local path or a storage URI."""
+    from pipelines import storage as st
+
+    fs, p = st.filesystem(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            return []
+        raise st.StorageError(f"{path}: storage unreachable ({e})") from None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_log(path: str, rows: list[dict[str, Any]]) -> None:
+    """Write the whole step log (object stores have no append); ``path`` a local path or a URI."""
+    from pipelines import storage as st
+
+    fs, p = st.filesystem(path)
+    try:
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    except OSError as e:
+        raise st.StorageError(f"{path}: cannot write the step log ({e})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -225,10 +324,14 @@ def save_arrays(arrays: Arrays, path: str | Path) -> Path:
 
 
 def load_data(source: str | Path, splits: Sequence[str], image_size: int | None) -> Arrays:
-    """An arrays file, or the records of ``splits`` under a BIOSCAN-5M-layout root."""
+    """In memory: a sharded dataset folder, an arrays file, or the records of ``splits`` under a root."""
     import numpy as np
 
+    from pipelines import shards
+
     src = Path(source)
+    if shards.is_shards(src):
+        return shards.load_arrays(src, image_size)
     if src.is_file():
         from g2p.train.checkpoint import load_tree
 
@@ -292,7 +395,7 @@ def _enable_gradient_checkpointing(model: nn.Module, stage: str) -> None:
 class _RayHooks:
     """The loop's hooks in a worker: reports, checkpoints and the deduplicated step log."""
 
-    def __init__(self, stage: str, model: nn.Module, tcfg: TrainConfig, log_path: Path, user: Hooks,
+    def __init__(self, stage: str, model: nn.Module, tcfg: TrainConfig, log_path: str, user: Hooks,
                  report_interval_s: float, device: torch.device) -> None:
         import ray.train
         from ray.train.collective import broadcast_from_rank_zero
@@ -303,8 +406,10 @@ class _RayHooks:
         self.last: tuple[int, dict[str, float]] = (-1, {})
         self.report_interval_s, self.device, self.last_report = report_interval_s, device, float("-inf")
         seen = {"logged_until": -1, "attempt": 0}
+        self.rows: list[dict[str, Any]] = []  # rank 0: the whole log, rewritten to storage (no append there)
+        self.last_flush = time.monotonic()
         if self.rank == 0:
-            rows = read_log(log_path)
+            rows = self.rows = read_log(log_path)
             steps = [r["step"] for r in rows if r.get("event") == "step"]
             seen = {"logged_until": max(steps, default=-1), "attempt": sum(r.get("event") == "start" for r in rows)}
         seen = broadcast_from_rank_zero(seen)  # every rank must agree on which steps it reports
@@ -314,11 +419,21 @@ class _RayHooks:
         return Hooks(on_step=[self.on_step], on_checkpoint=[self.on_checkpoint, *self.user.on_checkpoint],
                      on_eval=list(self.user.on_eval))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], flush: bool = False) -> None:
+        """One row of the step log (rank 0); written out every few seconds, at checkpoints and at the end.
+
+        Rows not yet written when a worker dies belong to steps after the last
+        checkpoint, which the restart trains (and logs) again.
+        """
         if self.rank == 0:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({**row, "attempt": self.attempt}) + "\n")
+            self.rows.append({**row, "attempt": self.attempt})
+            if flush or time.monotonic() - self.last_flush >= LOG_FLUSH_S:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.rank == 0:
+            write_log(self.log_path, self.rows)
+            self.last_flush = time.monotonic()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         import ray.train
@@ -355,6 +470,7 @@ class _RayHooks:
         from g2p.train.checkpoint import save_tree
 
         metrics = {**(self.last[1] if self.last[0] == state.step else {}), "step": state.step, "final": float(final)}
+        self.flush()
         with tempfile.TemporaryDirectory() as d:
             if self.rank == 0:  # DDP keeps every rank's weights equal: one writer
                 self.model.save_pretrained(Path(d) / "model")
@@ -375,6 +491,65 @@ def _quiet_reports() -> None:
     except ImportError:  # another Ray layout: keep its logging as it is
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, rank: int, world: int,
+                      start_step: int) -> Any:
+    """Endless training batches from this worker's Ray Data shard, reshuffled every epoch.
+
+    Block order is randomised by the dataset at each epoch; rows are mixed
+    within a local buffer (seeded by seed, rank, epoch and the resume step).
+    """
+    from functools import partial
+
+    import ray.train
+
+    from g2p.train.stages import Shard, per_rank_batch_size
+    from pipelines import shards
+
+    shard = ray.train.get_dataset_shard("train")
+    per_rank = per_rank_batch_size(tcfg, Shard(rank, world))
+    rows_per_rank = manifest["rows"] // world
+    latent = manifest.get("latent") if stage in LATENT_STAGES else None
+    per_row = shards.row_bytes(manifest.get("image_size") if stage == "train_vae" else None,
+                               latent["shape"] if latent else None)
+    buffer = max(per_rank, min(rows_per_rank, 4 * per_rank + 1000, (256 << 20) // per_row))
+    drop_last = rows_per_rank >= per_rank  # fewer rows than one batch: one smaller batch per epoch
+    collate = partial(shards.collate, manifest=manifest)
+    epoch = 0
+    while True:
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=per_rank, drop_last=drop_last, collate_fn=collate,
+                                              local_shuffle_buffer_size=buffer,
+                                              local_shuffle_seed=(tcfg.seed * 1_000_003 + start_step) * 1009
+                                              + epoch * 31 + rank):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError(f"{stage}: worker {rank} got no batch in epoch {epoch} "
+                             f"({manifest['rows']} rows over {world} workers)")
+        epoch += 1
+
+
+def _check_latents(model: Any, manifest: dict[str, Any]) -> None:
+    from g2p.models.vae import vae_version
+    from pipelines.shards import ShardsError
+
+    want, have = manifest["latent"]["vae_version"], vae_version(model.vae)
+    if want != have:
+        raise ShardsError(f"latent.vae_version: the latents were encoded with VAE {want}, the model's VAE is "
+                          f"{have}; re-encode them (python -m pipelines.latents) with this model's VAE")
+
+
+def _load_model(location: str, cfg: G2PConfig, device: torch.device) -> Any:
+    """A ``save_pretrained`` folder from a local path or a storage URI (downloaded to a temp dir)."""
+    from g2p.model import G2PDiffusion
+    from pipelines import storage as st
+
+    if not st.is_uri(location):
+        return G2PDiffusion.from_pretrained(location, cfg=cfg, device=device)
+    with tempfile.TemporaryDirectory() as d:
+        return G2PDiffusion.from_pretrained(st.download(location, Path(d) / "model"), cfg=cfg, device=device)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -405,20 +580,29 @@ def _worker_loop(config: dict[str, Any]) -> None:
             model = G2PDiffusion.from_pretrained(Path(d) / "model", cfg=cfg, device=device)
             resume = load_tree(Path(d) / "train_state.safetensors")
     elif config["init_model"]:
-        model = G2PDiffusion.from_pretrained(config["init_model"], cfg=cfg, device=device)
+        model = _load_model(config["init_model"], cfg, device)
     else:
         model = G2PDiffusion(cfg).to(device)
     torch.manual_seed(tcfg.seed + rank)  # anything drawn from the global RNG differs per rank
     if section.gradient_checkpointing:
         _enable_gradient_checkpointing(model, stage)
 
-    # 2. data: every worker loads the same records; Shard picks its slice
-    needs_images = stage != "pretrain_conditioner"
-    data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
+    # 2. data: this worker's Ray Data shard (streamed), or every worker loads the same small file
+    manifest, latents = config["manifest"], None
+    if manifest is not None:
+        if stage in LATENT_STAGES:
+            _check_latents(model, manifest)
+        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0)
+    else:
+        needs_images = stage != "pretrain_conditioner"
+        data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
+        if stage in LATENT_STAGES:
+            latents = stages.encode_latents(model, data.images)  # (N, C, h, w), deterministic
     factory = config["hooks_factory"]
     user = factory(rank, world) if factory else Hooks()
-    ray_hooks = _RayHooks(stage, model, tcfg, Path(config["log_path"]), user, section.report_interval_s, device)
-    ray_hooks.log({"event": "start", "step": int(resume["step"]) if resume else 0, "world_size": world})
+    ray_hooks = _RayHooks(stage, model, tcfg, config["log_path"], user, section.report_interval_s, device)
+    ray_hooks.log({"event": "start", "step": int(resume["step"]) if resume else 0, "world_size": world,
+                   "streamed": manifest is not None}, flush=True)
 
     # 3. the same stage function the unit tests call
     kw = dict(shard=stages.Shard(rank, world), hooks=ray_hooks.hooks(), resume=resume, progress=False,
@@ -427,15 +611,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
         state = stages.pretrain_conditioner(model, data, tcfg, **kw)
     elif stage == "train_vae":
         state = stages.train_vae(model, data, tcfg, **kw)
+    elif stage == "train_base":
+        state = stages.train_base(model, data, tcfg, latents=latents, **kw)
+    elif stage == "train_diffusion":
+        state = stages.train_diffusion(model, data, tcfg, latents=latents, **kw)
     else:
-        latents = stages.encode_latents(model, data.images)  # (N, C, h, w), deterministic
-        if stage == "train_base":
-            state = stages.train_base(model, latents, tcfg, **kw)
-        elif stage == "train_diffusion":
-            state = stages.train_diffusion(model, data, latents, tcfg, **kw)
-        else:
-            # the bank size of the params at hand, not of the checkpoint's cfg (set at the first stage)
-            state = stages.train_aligner(model, data, latents, tcfg, bank_size=cfg.sampling.negative_bank_size, **kw)
+        # the bank size of the params at hand, not of the checkpoint's cfg (set at the first stage)
+        state = stages.train_aligner(model, data, tcfg, latents=latents, bank_size=cfg.sampling.negative_bank_size,
+                                     **kw)
     ray_hooks.save(state, final=True)
 
 

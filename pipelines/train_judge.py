@@ -55,8 +55,12 @@ DEFAULT_GROUND_TRUTH = "data/bioscan5m/metadata/synthetic_ground_truth.parquet"
 
 
 def load_arrays_file(path: str | Path) -> Arrays:
-    """An arrays file (``ray_train.save_arrays``) with its images at whatever size they were prepared."""
+    """A prepared sharded dataset (or an arrays file) with its images at whatever size they were prepared."""
     from g2p.train.checkpoint import load_tree
+    from pipelines import shards
+
+    if shards.is_shards(path):
+        return shards.load_arrays(path, shards.read_manifest(path).get("image_size"))
 
     t = load_tree(path)
     return Arrays(processid=np.array(t["processid"]), barcode=t["barcode"], lat=t["lat"], lon=t["lon"],

@@ -32,12 +32,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, l
     stages.pretrain_conditioner(model, data, CFG.pretrain_conditioner, hooks=track("mlm"), progress=False)
     stages.train_vae(model, data, CFG.train_vae, hooks=track("vae"), progress=False)
     latents = stages.encode_latents(model, data.images)
-    stages.train_base(model, latents, CFG.train_base, hooks=track("base"), progress=False)
+    stages.train_base(model, data, CFG.train_base, latents=latents, hooks=track("base"), progress=False)
     model.add_lora()
     losses["eval_before"] = [stages.eval_diffusion_loss(model, data, latents)]
-    stages.train_diffusion(model, data, latents, CFG.train_diffusion, hooks=track("diffusion"), progress=False)
+    stages.train_diffusion(model, data, CFG.train_diffusion, latents=latents, hooks=track("diffusion"), progress=False)
     losses["eval_after"] = [stages.eval_diffusion_loss(model, data, latents)]
-    stages.train_aligner(model, data, latents, CFG.train_aligner, hooks=track("aligner"), progress=False)
+    stages.train_aligner(model, data, CFG.train_aligner, latents=latents, hooks=track("aligner"), progress=False)
     out = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "g2pdiffusion")
     return out, losses
 
@@ -146,7 +146,7 @@ def test_finetune_base_changes_and_saves_the_base_weights(tmp_path) -> None:
     model = G2PDiffusion(cfg)
     latents = stages.encode_latents(model, data.images)
     before = model.denoiser.unet.conv_in.weight.detach().clone()
-    stages.train_diffusion(model, data, latents, cfg.train_diffusion, progress=False)
+    stages.train_diffusion(model, data, cfg.train_diffusion, latents=latents, progress=False)
     assert not torch.equal(model.denoiser.unet.conv_in.weight, before)  # the base trained, not only LoRA
     loaded = G2PDiffusion.from_pretrained(model.save_pretrained(tmp_path / "m"))
     assert loaded.cfg.lora.finetune_base

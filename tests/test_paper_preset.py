@@ -98,9 +98,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         return Hooks(on_step=[lambda step, m: metrics.__setitem__(name, m)])
 
     for name, run, tc in (
-        ("diffusion", lambda tc, h: stages.train_diffusion(model, data, latents, tc, hooks=h, progress=False,
+        ("diffusion", lambda tc, h: stages.train_diffusion(model, data, tc, latents=latents, hooks=h, progress=False,
                                                            until=1), cfg.train_diffusion),
-        ("aligner", lambda tc, h: stages.train_aligner(model, data, latents, tc, hooks=h, progress=False,
+        ("aligner", lambda tc, h: stages.train_aligner(model, data, tc, latents=latents, hooks=h, progress=False,
                                                        until=1), cfg.train_aligner),
     ):
         state = run(replace(tc, log_every=1), keep(name))

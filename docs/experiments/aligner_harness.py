@@ -23,7 +23,7 @@ test = load_data(ROOT / "outputs/prepared/val.safetensors", ["val"], m.cfg.vae.i
 if steps > 0:
     train = load_data(ROOT / "outputs/prepared/train.safetensors", ["train"], m.cfg.vae.image_size)
     lat = stages.encode_latents(m, train.images)
-    stages.train_aligner(m, train, lat, dataclasses.replace(m.cfg.train_aligner, steps=steps), progress=False)
+    stages.train_aligner(m, train, dataclasses.replace(m.cfg.train_aligner, steps=steps), latents=lat, progress=False)
     m.save_pretrained(save)
 for w in ws:
     evaluate(m, judge, test, n=4, cfg_scale=5.0, guidance=w, tag=f"aligner{steps}")

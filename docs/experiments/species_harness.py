@@ -65,7 +65,7 @@ if __name__ == "__main__":
         model.cfg = model.cfg.set("lora.finetune_base", not a.lora_only)
         tc = dataclasses.replace(cfg.train_diffusion, steps=a.steps, lr=a.lr)
         t = time.time()
-        stages.train_diffusion(model, train, lat, tc, progress=False)
+        stages.train_diffusion(model, train, tc, latents=lat, progress=False)
         print("train s", round(time.time() - t), flush=True)
         if a.save:
             model.save_pretrained(a.save)

@@ -183,3 +183,20 @@ def estimate_scaling_factor(vae: AutoencoderKL, images: Tensor) -> float:
 def set_scaling_factor(vae: AutoencoderKL, value: float) -> None:
     """Record the scaling factor in the VAE's own config, so it travels with ``save_pretrained``."""
     vae.register_to_config(scaling_factor=float(value))
+
+
+def vae_version(vae: AutoencoderKL) -> str:
+    """A content hash of the VAE (its diffusers config and weights): what cached latents are keyed by.
+
+    Two VAEs with the same version encode every image to the same latents;
+    a retrained (or swapped) VAE gets a new version, and latents computed
+    with another one are refused rather than silently mixed.
+    """
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    h.update(save({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}))
+    return h.hexdigest()[:16]

@@ -23,8 +23,9 @@ the stage then computes exactly what it did without the seam.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,9 +130,61 @@ class AlignerObjective(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-def _index_batches(n: int, cfg: TrainConfig, shard: Shard) -> Iterator[np.ndarray]:
-    per_rank = max(1, cfg.batch_size // shard.world_size)  # global batch = cfg.batch_size
-    return cycle(lambda epoch: epoch_batches(n, per_rank, cfg.seed, epoch, shard.rank, shard.world_size))
+Batch = dict[str, Any]  # "barcode" list[str], "lat"/"lon" (B,), "has_place" (B,), "image" or "latent"
+Data = Arrays | Iterable[Batch]
+
+
+def per_rank_batch_size(cfg: TrainConfig, shard: Shard) -> int:
+    """Rows per step on one rank: the global batch ``cfg.batch_size`` split over the ranks."""
+    return max(1, cfg.batch_size // shard.world_size)
+
+
+def array_batches(data: Arrays, cfg: TrainConfig, shard: Shard = Shard(), *, latents: Tensor | None = None,
+                  start_step: int = 0) -> Iterator[Batch]:
+    """Endless batches of in-memory :class:`Arrays` (per-epoch seeded shuffles, sharded by rank).
+
+    ``start_step`` skips the batches a resumed run has already trained on, so
+    a resumed in-memory run sees exactly the batches it would have seen.
+    """
+    per_rank = per_rank_batch_size(cfg, shard)
+    idx = cycle(lambda epoch: epoch_batches(len(data), per_rank, cfg.seed, epoch, shard.rank, shard.world_size))
+    for _ in range(start_step):
+        next(idx)
+    for i in idx:
+        b = data.subset(i)
+        out: Batch = {"barcode": b.barcode, "lat": b.lat, "lon": b.lon, "has_place": b.has_place}
+        if b.images is not None:
+            out["image"] = b.images
+        if latents is not None:
+            out["latent"] = latents[torch.as_tensor(i)]
+        yield out
+
+
+def _batches(data: Data, cfg: TrainConfig, shard: Shard, resume: dict | None,
+             latents: Tensor | None = None, need: str | None = None) -> Iterator[Batch]:
+    """The stage's batch stream: in-memory arrays (deterministic, resumable) or a given iterable.
+
+    A streamed source (Ray Data in the training driver) is used as it comes:
+    it shuffles itself, and after a restart it continues with fresh batches
+    rather than replaying the ones before the checkpoint.
+    """
+    if isinstance(data, Arrays):
+        if need == "latent" and latents is None:
+            raise ValueError("latents: this stage trains on latents; pass latents= with in-memory Arrays")
+        if need == "image" and data.images is None:
+            raise ValueError("images: this stage trains on images; the Arrays have none")
+        return array_batches(data, cfg, shard, latents=latents, start_step=int(resume["step"]) if resume else 0)
+    it = iter(data)
+    if need is None:
+        return it
+    return _require(it, need)
+
+
+def _require(it: Iterator[Batch], key: str) -> Iterator[Batch]:
+    for b in it:
+        if key not in b:
+            raise ValueError(f"{key}: the batches lack the column {key!r} this stage trains on (have {sorted(b)})")
+        yield b
 
 
 def _generator(cfg: TrainConfig, shard: Shard) -> torch.Generator:
@@ -139,47 +192,42 @@ def _generator(cfg: TrainConfig, shard: Shard) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1009 + shard.rank)
 
 
-def _skip(batches: Iterator, resume: dict | None) -> Iterator:
-    """On resumption, advance the data stream past the batches already trained on."""
-    for _ in range(int(resume["step"]) if resume else 0):
-        next(batches)
-    return batches
+def _places(b: Batch, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    return b["lat"].to(dev), b["lon"].to(dev), b["has_place"].to(dev)
 
 
-def pretrain_conditioner(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *, shard: Shard = Shard(),
+def pretrain_conditioner(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, shard: Shard = Shard(),
                          hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
                          until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """BarcodeBERT-style masked-language-model pretraining of the conditioner."""
     g = _generator(cfg, shard)
-    batches = _skip(_index_batches(len(data), cfg, shard), resume)
+    batches = _batches(data, cfg, shard, resume)
     objective = wrap(MLMObjective(model.conditioner))
     dev = model.device
 
-    def step(idx: np.ndarray, _: int) -> dict:
-        b = data.subset(idx)
-        ids, mask = model.tokenize(b.barcode)
-        loss = objective(ids, mask, b.lat.to(dev), b.lon.to(dev), b.has_place.to(dev), generator=g)
-        return {"loss": loss, "batch_size": len(idx)}
+    def step(b: Batch, _: int) -> dict:
+        ids, mask = model.tokenize(b["barcode"])
+        loss = objective(ids, mask, *_places(b, dev), generator=g)
+        return {"loss": loss, "batch_size": len(b["barcode"])}
 
     params = list(model.conditioner.parameters())
     return fit(step, params, batches, cfg, hooks=hooks, resume=resume, progress=progress,
                desc="pretrain_conditioner", until=until)
 
 
-def train_vae(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *, shard: Shard = Shard(),
+def train_vae(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, shard: Shard = Shard(),
               hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
               until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """Train the VAE on images alone; afterwards measure the latent scale (as SD's 0.18215)."""
-    assert data.images is not None, "train_vae needs images"
     g = _generator(cfg, shard)
-    batches = _skip(_index_batches(len(data), cfg, shard), resume)
+    batches = _batches(data, cfg, shard, resume, need="image")
     model.vae.train()
     objective = wrap(VAEObjective(model.vae, model.cfg.vae))
 
-    def step(idx: np.ndarray, _: int) -> dict:
-        x = to_unit_range(data.images[torch.as_tensor(idx)]).to(model.device)  # (B, 3, S, S)
+    def step(b: Batch, _: int) -> dict:
+        x = to_unit_range(b["image"]).to(model.device)  # (B, 3, S, S)
         out = objective(x, generator=g)
-        return {**out, "batch_size": len(idx)}
+        return {**out, "batch_size": len(x)}
 
     state = fit(step, list(model.vae.parameters()), batches, cfg, hooks=hooks, resume=resume,
                 progress=progress, desc="train_vae", until=until)
@@ -187,12 +235,23 @@ def train_vae(model: G2PDiffusion, data: Arrays, cfg: TrainConfig, *, shard: Sha
         state.ema.copy_to_params()
     model.vae.eval()
     if state.step >= cfg.steps:
-        n = min(len(data), 256)
+        if isinstance(data, Arrays):  # the first 256 records, as before streaming
+            images = data.images[:256]
+        else:  # the next batches of the stream: a random sample of the training images
+            images = _take(batches, "image", 256)
         with torch.no_grad():
-            x = to_unit_range(data.images[:n]).to(model.device)
+            x = to_unit_range(images).to(model.device)
             model.set_vae_scaling_factor(1.0)
             model.set_vae_scaling_factor(estimate_scaling_factor(model.vae, x))
     return state
+
+
+def _take(batches: Iterator[Batch], key: str, n: int) -> Tensor:
+    """At least min(n, one epoch) rows of column ``key`` from the stream, as one tensor."""
+    got: list[Tensor] = []
+    while sum(len(t) for t in got) < n:
+        got.append(next(batches)[key])
+    return torch.cat(got)[:n]
 
 
 @torch.no_grad()
@@ -208,20 +267,20 @@ def encode_latents(model: G2PDiffusion, images: Tensor, batch_size: int = 64, pr
     return torch.cat(out) if out else torch.zeros(0, *model.latent_shape)
 
 
-def train_base(model: G2PDiffusion, latents: Tensor, cfg: TrainConfig, *, shard: Shard = Shard(),
-               hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
-               until: int | None = None, wrap: Wrap = _identity) -> FitState:
+def train_base(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latents: Tensor | None = None,
+               shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
+               progress: bool = True, until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """Our own "pretrained Stable Diffusion": the UNet learns images alone (null condition)."""
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
-    batches = _skip(_index_batches(len(latents), cfg, shard), resume)
+    batches = _batches(data, cfg, shard, resume, latents, need="latent")
     den = model.denoiser
     den.train()
     objective = wrap(BaseObjective(den, sched, model.cfg.diffusion))
 
-    def step(idx: np.ndarray, _: int) -> dict:
-        z0 = latents[torch.as_tensor(idx)].to(model.device)
-        return {"loss": objective(z0, generator=g), "batch_size": len(idx)}
+    def step(b: Batch, _: int) -> dict:
+        z0 = b["latent"].to(model.device)
+        return {"loss": objective(z0, generator=g), "batch_size": len(z0)}
 
     params = list(den.unet.parameters())  # the null context is learned with the condition, later
     state = fit(step, params, batches, cfg, hooks=hooks, resume=resume, progress=progress,
@@ -231,25 +290,24 @@ def train_base(model: G2PDiffusion, latents: Tensor, cfg: TrainConfig, *, shard:
     return state
 
 
-def train_diffusion(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: TrainConfig, *,
+def train_diffusion(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latents: Tensor | None = None,
                     shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
                     progress: bool = True, until: int | None = None, wrap: Wrap = _identity) -> FitState:
     """LoRA on the UNet plus the conditioner (and the null context), eq. 6 with condition dropout."""
     model.add_lora()
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
-    batches = _skip(_index_batches(len(data), cfg, shard), resume)
+    batches = _batches(data, cfg, shard, resume, latents, need="latent")
     model.denoiser.train()
     model.conditioner.train()
     objective = wrap(ConditionalObjective(model.conditioner, model.denoiser, sched, model.cfg.diffusion))
     dev = model.device
 
-    def step(idx: np.ndarray, _: int) -> dict:
-        b = data.subset(idx)
-        z0 = latents[torch.as_tensor(idx)].to(dev)
-        ids, mask = model.tokenize(b.barcode)
-        loss = objective(ids, mask, b.lat.to(dev), b.lon.to(dev), b.has_place.to(dev), z0, generator=g)
-        return {"loss": loss, "batch_size": len(idx)}
+    def step(b: Batch, _: int) -> dict:
+        z0 = b["latent"].to(dev)
+        ids, mask = model.tokenize(b["barcode"])
+        loss = objective(ids, mask, *_places(b, dev), z0, generator=g)
+        return {"loss": loss, "batch_size": len(z0)}
 
     params = ([p for p in model.denoiser.parameters() if p.requires_grad]
               + list(model.conditioner.parameters()))
@@ -305,22 +363,29 @@ def pooled_conditions(model: G2PDiffusion, data: Arrays, batch_size: int = 256) 
     return torch.cat(out)
 
 
-def train_aligner(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: TrainConfig, *,
+def train_aligner(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latents: Tensor | None = None,
                   shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
                   progress: bool = True, until: int | None = None, bank_size: int | None = None,
                   wrap: Wrap = _identity) -> FitState:
-    """The dynamic aligner: InfoNCE of g_phi(X_t, t) against c at random t; fills the negative bank."""
+    """The dynamic aligner: InfoNCE of g_phi(X_t, t) against c at random t; fills the negative bank.
+
+    The conditioner is fixed from here on: c of each batch is computed without
+    gradient as the batch comes (no pass over the whole data set first).
+    """
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
-    c_all = pooled_conditions(model, data)  # (N, d): the conditioner is fixed from here on
-    batches = _skip(_index_batches(len(data), cfg, shard), resume)
+    batches = _batches(data, cfg, shard, resume, latents, need="latent")
+    model.conditioner.eval()
     model.aligner.train()
     objective = wrap(AlignerObjective(model.aligner, sched))
 
-    def step(idx: np.ndarray, _: int) -> dict:
-        t_idx = torch.as_tensor(idx)
-        loss = objective(latents[t_idx].to(model.device), c_all[t_idx].to(model.device), generator=g)
-        return {"loss": loss, "temperature": 1.0 / model.aligner.logit_scale.detach(), "batch_size": len(idx)}
+    @torch.no_grad()
+    def pooled(b: Batch) -> Tensor:
+        return model.condition(b["barcode"], b["lat"], b["lon"], b["has_place"]).pooled
+
+    def step(b: Batch, _: int) -> dict:
+        loss = objective(b["latent"].to(model.device), pooled(b), generator=g)
+        return {"loss": loss, "temperature": 1.0 / model.aligner.logit_scale.detach(), "batch_size": len(b["latent"])}
 
     state = fit(step, list(model.aligner.parameters()), batches, cfg, hooks=hooks, resume=resume,
                 progress=progress, desc="train_aligner", until=until)
@@ -328,6 +393,18 @@ def train_aligner(model: G2PDiffusion, data: Arrays, latents: Tensor, cfg: Train
         state.ema.copy_to_params()
     model.aligner.eval()
     size = model.cfg.sampling.negative_bank_size if bank_size is None else bank_size
-    model.negative_bank = sample_negative_bank(c_all, size, torch.Generator().manual_seed(cfg.seed))
+    if isinstance(data, Arrays):  # every record's c, as before streaming
+        pool = pooled_conditions(model, data)
+    else:  # rows of the (shuffled) stream: a random sample of the training conditions
+        pool = torch.cat([pooled(b).cpu() for b in _head(batches, size)]) if size > 0 else torch.zeros(0)
+    model.negative_bank = sample_negative_bank(pool, size, torch.Generator().manual_seed(cfg.seed))
     return state
 
+
+def _head(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
+    """Batches of the stream until they hold at least ``n`` rows."""
+    seen = 0
+    while seen < n:
+        b = next(batches)
+        seen += len(b["barcode"])
+        yield b
