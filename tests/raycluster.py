@@ -24,8 +24,10 @@ How it stays out of everyone else's way (the machine is shared):
   10002-19999, ...) is passed explicitly, picked free from 20000-32767: below
   Linux's ephemeral range (so the OS never hands them to someone's outgoing
   connection or ``bind(0)``) and above Ray's default worker range (used by
-  every local ``ray.init()``). Picking and starting hold a lock file, so
-  clusters started side by side do not pick the same ports.
+  every local ``ray.init()``). Picking and starting hold a lock file, and
+  the ports of running clusters are listed in a registry file next to it
+  (worker ranges are bound only when workers start, so a bind test alone
+  misses them), so clusters started side by side never pick the same ports.
 - ``cwd`` of every node is a directory outside the checkout and ``PYTHONPATH``
   is dropped, so workers can only get our code through the driver's
   ``runtime_env``.
@@ -56,7 +58,36 @@ from pathlib import Path
 PORT_LO, PORT_HI = 20000, 32767  # below the ephemeral range (32768-60999), above Ray's default worker ports
 WORKER_PORTS = 48  # per node: every worker process (task, actor, driver) holds one while it lives
 LOCK_PATH = Path(tempfile.gettempdir()) / "g2p-raycluster-ports.lock"
+# Ports given to running clusters, by owner (pid + temp root), shared across processes on the machine:
+# a worker-port range is only bound when workers start, so a bind test alone cannot see it.
+REGISTRY_PATH = Path(tempfile.gettempdir()) / "g2p-raycluster-ports.json"
 _handed_out: set[int] = set()  # ports this process already gave a cluster (they may not be bound yet)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_registry() -> dict[str, dict]:
+    """Entries of live owners only (call with the lock held)."""
+    try:
+        reg = json.loads(REGISTRY_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in reg.items() if isinstance(v, dict) and _pid_alive(int(v.get("pid", 0)))
+            and Path(v.get("root", "/nonexistent")).exists()}
+
+
+def _write_registry(reg: dict[str, dict]) -> None:
+    tmp = REGISTRY_PATH.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(reg))
+    os.replace(tmp, REGISTRY_PATH)
 
 
 def ray_executable() -> str:
@@ -259,6 +290,10 @@ class RayCluster:
             with open(LOCK_PATH, "a+") as lock:
                 # held while picking ports and until Ray has bound them
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                reg = _read_registry()
+                for entry in reg.values():
+                    _handed_out.update(entry.get("ports", []))
+                mine = set(_handed_out)
                 for i in range(self.num_nodes):
                     self.nodes.append(self._new_node(i))
                     self._spawn(self.nodes[-1])
@@ -278,6 +313,9 @@ class RayCluster:
                             self._kill(self.nodes[i])
                             self.nodes[i] = self._new_node(i, attempt)
                             self._spawn(self.nodes[i])
+                ours = sorted(_handed_out - mine)  # every port (and worker range) this start picked
+                reg[str(self.root)] = {"pid": os.getpid(), "root": str(self.root), "ports": ours}
+                _write_registry(reg)
                 self._wait_alive(deadline)
         except BaseException:
             self.stop()
@@ -359,6 +397,11 @@ class RayCluster:
                     shutil.copytree(logs, self.dir / f"{d.name}-ray-logs", dirs_exist_ok=True,
                                     ignore_dangling_symlinks=True, symlinks=False)
             shutil.rmtree(self.root, ignore_errors=True)
+            with open(LOCK_PATH, "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                reg = _read_registry()  # our root is gone: our entry drops out
+                reg.pop(str(self.root), None)
+                _write_registry(reg)
 
     def __enter__(self) -> "RayCluster":
         return self.start()
