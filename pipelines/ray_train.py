@@ -131,7 +131,9 @@ def ensure_ray(num_cpus: int | None = None) -> float:
         return 0.0
     t0 = time.perf_counter()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        from pipelines.ray_env import runtime_env  # our code reaches the cluster as py_modules
+
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env(), logging_level=logging.WARNING)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
