@@ -249,6 +249,11 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
     view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage))
+    if view["manifest"] is not None and stage in LATENT_STAGES and init_model:
+        from g2p.model import G2PDiffusion
+
+        # before any worker starts: a wrong VAE is a data error, not one to retry max_failures times
+        _check_latents(G2PDiffusion.from_pretrained(init_model, cfg=cfg), view["manifest"])
     worker_cfg = {
         "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
         "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
@@ -592,8 +597,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # 2. data: this worker's Ray Data shard (streamed), or every worker loads the same small file
     manifest, latents = config["manifest"], None
     if manifest is not None:
-        if stage in LATENT_STAGES:
-            _check_latents(model, manifest)
         data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0)
     else:
         needs_images = stage != "pretrain_conditioner"

@@ -243,3 +243,51 @@ def load_arrays(folder: str | Path, image_size: int | None = None) -> Any:
         processid=np.array([], dtype=str), barcode=[], lat=torch.zeros(0), lon=torch.zeros(0),
         has_place=torch.zeros(0, dtype=torch.bool), species=np.array([], dtype=object),
         images=torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8) if image_size else None)
+
+
+def write_arrays(arrays: Any, folder: str | Path, *, latents: Any = None, vae_version: str | None = None,
+                 scaling_factor: float | None = None, content_key: str = "arrays") -> dict[str, Any]:
+    """Write in-memory :class:`Arrays` (and optionally their latents) as a local sharded dataset, one file.
+
+    For tests and small tools; the pipeline writes shards with Ray Data
+    (``prepare``, ``encode_latents``). The layout is the same.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cols: dict[str, Any] = {
+        "processid": [str(x) for x in arrays.processid], "species": [str(x) for x in arrays.species],
+        "barcode": list(arrays.barcode), "lat": arrays.lat.numpy().astype(np.float32),
+        "lon": arrays.lon.numpy().astype(np.float32), "has_place": arrays.has_place.numpy().astype(bool),
+    }
+    fields: dict[str, Any] = {"rows": len(arrays), "content_key": content_key,
+                              "image_size": None if arrays.images is None else int(arrays.images.shape[-1])}
+    if arrays.images is not None:
+        cols["image"] = pa.array(list(pack(arrays.images.numpy())), type=pa.binary())
+    if latents is not None:
+        z = latents.detach().cpu().float().numpy()
+        cols["latent"] = pa.array(list(pack(z)), type=pa.binary())
+        fields["latent"] = {"shape": list(z.shape[1:]), "dtype": "float32", "vae_version": vae_version,
+                            "scaling_factor": scaling_factor}
+    (folder / "_files").mkdir(exist_ok=True)
+    for old in (folder / "_files").glob("*.parquet"):
+        old.unlink()
+    pq.write_table(pa.table(cols), folder / "_files" / "part-000000.parquet")
+    return write_manifest(folder, "_files", **fields)
+
+
+def read_arrays_latents(folder: str | Path) -> dict[str, Any]:
+    """processid -> latent tensor of a (small) latents dataset, in memory: for tests and inspection."""
+    import pyarrow.parquet as pq
+    import torch
+
+    m = read_manifest(folder)
+    fs, paths = files(folder, m)
+    out: dict[str, Any] = {}
+    for p in paths:
+        t = pq.read_table(p, filesystem=fs, columns=["processid", "latent"])
+        z = unpack(t.column("latent").to_pylist(), m["latent"]["shape"], m["latent"]["dtype"])
+        out.update(zip(t.column("processid").to_pylist(), torch.from_numpy(z).float()))
+    return out

@@ -197,6 +197,7 @@ def vae_version(vae: AutoencoderKL) -> str:
 
     from safetensors.torch import save
 
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}  # not diffusers' bookkeeping
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(save({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}))
     return h.hexdigest()[:16]

@@ -78,13 +78,22 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     assert images.shape == (2, 3, size, size)
     gen = pipe
 
-    # prepare wrote model-ready arrays with Ray Data, in the records' order
-    train = load_data(repo / "outputs" / "prepared" / "train.safetensors", ["train"], gen.cfg.vae.image_size)
+    # prepare wrote sharded Parquet with Ray Data, in the records' order
+    train = load_data(repo / "outputs" / "prepared" / "train", ["train"], gen.cfg.vae.image_size)
     ref = load_data(repo / "data", ["train"], gen.cfg.vae.image_size)
     assert list(train.processid) == list(ref.processid)
     assert (train.images == ref.images).all()
-    pretrain = load_data(repo / "outputs" / "prepared" / "pretrain.safetensors", ["pretrain"], None)
+    pretrain = load_data(repo / "outputs" / "prepared" / "pretrain", ["pretrain"], None)
     assert len(pretrain) > len(train) and pretrain.images is None
+
+    # encode_latents: the trained VAE's latents of every training image, once, keyed by the VAE
+    from g2p.model import G2PDiffusion
+    from g2p.models.vae import vae_version
+    from pipelines import shards
+
+    m = shards.read_manifest(repo / "outputs" / "latents" / "train")
+    assert m["rows"] == len(train)
+    assert m["latent"]["vae_version"] == vae_version(G2PDiffusion.from_pretrained(repo / "models" / "train_vae").vae)
 
     # DVC metrics and plots
     shown = json.loads(run("dvc", "metrics", "show", "--json", cwd=repo, env=env))
@@ -121,7 +130,7 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     params["sampling"]["steps"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run("dvc", "repro", cwd=repo, env=env)
-    for stage in ("validate", "prepare", *TRAIN_STAGES):
+    for stage in ("validate", "prepare", "encode_latents", *TRAIN_STAGES):
         assert f"Running stage '{stage}'" not in out, out
     status = run("dvc", "status", cwd=repo, env=env)
     assert "changed" not in status, status

@@ -1,7 +1,9 @@
 """Real local Ray (Train V2): the adapter runs the same stage functions on 1 and 2 workers,
 synchronises gradients, survives a killed worker and resumes an interrupted run by name.
 
-One Ray instance for the module (2 CPUs); tiny preset, a dozen steps per run.
+One Ray instance for the module (3 logical CPUs: two workers and Ray Data's readers); tiny
+preset, a dozen steps per run. The streamed tests feed the stages from sharded Parquet
+(``TorchTrainer(datasets=...)``), the others from an arrays file every worker loads.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def ray_local():
     from pipelines.ray_train import ensure_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=3)  # two training workers + one CPU for Ray Data's streaming readers
     yield
     ray.shutdown()
 
@@ -204,3 +206,82 @@ def test_ray_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> None
     p = tmp_path / "params.yaml"
     p.write_text("ray:\n  max_failures: 5\n  bf16: false\n")
     assert load_ray_section(p) == RaySection(max_failures=5, bf16=False)
+
+
+# ----------------------------------------------------------------------------
+# streamed: Ray Data shards into Ray Train
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The two-species records as a sharded dataset, and their latents (tiny model's VAE) as another."""
+    from g2p.models.vae import vae_version
+    from pipelines import shards
+
+    root = tmp_path_factory.mktemp("shards")
+    data = two_species_arrays()
+    torch.manual_seed(CFG.train_base.seed)
+    model = G2PDiffusion(CFG)
+    model.save_pretrained(root / "model")
+    latents = stages.encode_latents(model, data.images)
+    shards.write_arrays(data, root / "train")
+    shards.write_arrays(data, root / "latents", latents=latents, vae_version=vae_version(model.vae),
+                        scaling_factor=float(model.vae.config.scaling_factor))
+    return {"train": root / "train", "latents": root / "latents", "model": root / "model"}
+
+
+def test_streamed_stage_reads_its_ray_data_shard(ray_local, shard_data: dict[str, Path], tmp_path: Path) -> None:
+    """Two workers stream the latents (no worker encodes images); each rank sees its own rows; weights stay equal."""
+    steps = 8
+    cfg = _steps("train_diffusion", steps, 2, 4)
+    run = run_stage("train_diffusion", cfg, data=shard_data["latents"], init_model=shard_data["model"],
+                    run_name="stream2", storage_path=tmp_path, scaling=RaySection(num_workers=2),
+                    hooks_factory=RankRecorder(tmp_path, steps))
+    log = run.log()
+    assert [r.get("streamed") for r in log if r["event"] == "start"] == [True]
+    assert _step_rows(log) == list(range(2, steps + 1, 2))
+    rows = {r: [json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    digests = [[x["digest"] for x in rows[r] if "digest" in x] for r in (0, 1)]
+    assert digests[0] == digests[1] and len(digests[0]) == 1
+    losses = [{x["step"]: x["loss"] for x in rows[r] if "loss" in x} for r in (0, 1)]
+    assert all(losses[0][s] != losses[1][s] for s in losses[0])  # each rank trained on its own split
+    assert G2PDiffusion.from_pretrained(run.model_dir, cfg=cfg).has_lora
+
+
+def test_streamed_latents_of_another_vae_are_refused(shard_data: dict[str, Path]) -> None:
+    from pipelines import shards
+    from pipelines.ray_train import _check_latents
+
+    m = shards.read_manifest(shard_data["latents"])
+    model = G2PDiffusion.from_pretrained(shard_data["model"])
+    _check_latents(model, m)  # the VAE that encoded them: accepted
+    model.set_vae_scaling_factor(0.5)  # another VAE (its scale is part of it)
+    with pytest.raises(shards.ShardsError, match=r"latent.vae_version: the latents were encoded with VAE "):
+        _check_latents(model, m)
+
+
+def test_streaming_needs_a_cpu_besides_the_workers(ray_local, shard_data: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ray.num_workers: 3 workers x 1 CPUs hold all 3 CPUs"):
+        run_stage("pretrain_conditioner", _steps("pretrain_conditioner", 2, 1, 2), data=shard_data["train"],
+                  run_name="nocpu", storage_path=tmp_path, scaling=RaySection(num_workers=3))
+
+
+def test_latents_stage_encodes_like_the_model(ray_local, shard_data: dict[str, Path], tmp_path: Path) -> None:
+    """pipelines.latents (Ray Data actors) gives the latents stages.encode_latents gives, keyed by the VAE."""
+    from g2p.models.vae import vae_version
+    from pipelines import latents, shards
+
+    prepared = tmp_path / "prepared"
+    shards.write_arrays(two_species_arrays(), prepared / "train", content_key="k")
+    latents.encode_latents(shard_data["model"], prepared, tmp_path / "latents", storage_path=str(tmp_path / "ray"),
+                           batch_size=5, progress=False)
+    m = shards.read_manifest(tmp_path / "latents" / "train")
+    model = G2PDiffusion.from_pretrained(shard_data["model"])
+    assert m["latent"]["vae_version"] == vae_version(model.vae) and m["rows"] == 16
+    got = shards.read_arrays_latents(tmp_path / "latents" / "train")
+    data = two_species_arrays()
+    want = dict(zip(data.processid, stages.encode_latents(model, data.images)))
+    assert set(got) == set(want)
+    for pid, z in got.items():
+        torch.testing.assert_close(z, want[pid], rtol=1e-5, atol=1e-5)
