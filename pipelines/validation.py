@@ -245,15 +245,18 @@ def _changed_text(raw: pa.Array, changed: np.ndarray, trimmed_only: np.ndarray) 
 
 
 def _concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The blocks' derived columns end to end (numpy arrays, Arrow chunked arrays)."""
+    """The blocks' derived columns end to end (numpy arrays, Arrow chunked arrays). Empties ``parts``
+    key by key, so no more than one column is held twice while numpy copies."""
     out: dict[str, Any] = {}
-    for k, v in parts[0].items():
+    for k in list(parts[0]):
+        vals = [p.pop(k) for p in parts]
         if k == "masks":
-            out[k] = {m: np.concatenate([p[k][m] for p in parts]) for m in v}
-        elif isinstance(v, pa.Array):
-            out[k] = pa.chunked_array([p[k] for p in parts], type=v.type)
+            out[k] = {m: np.concatenate([v.pop(m) for v in vals]) for m in list(vals[0])}
+        elif isinstance(vals[0], pa.Array):
+            out[k] = pa.chunked_array(vals, type=vals[0].type)
         else:
-            out[k] = np.concatenate([p[k] for p in parts])
+            out[k] = np.concatenate(vals)
+        del vals
     return out
 
 
