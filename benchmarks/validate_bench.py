@@ -1,18 +1,26 @@
 """Speed benchmark of ``g2p data validate`` at BIOSCAN-5M's size (5.15 million records).
 
 Why a separate script: the validation stage must keep up with the real
-dataset on a 2-core machine (goal: under 60 s wall and 8 GB peak RSS, images
-not checked). The metadata table is generated here with numpy straight into
+dataset on a 2-core machine (issue 12's goal, with ``prepare``: the pretrain
+split at BIOSCAN-5M size in under 15 minutes and 4 GB peak RSS; images not
+checked here). The metadata table is generated here with numpy straight into
 Arrow buffers (no Python string per record), so making it takes seconds and
 the benchmark does not depend on the synthetic image generator.
 
 The validation runs in a fresh child process so its peak RSS is its own, not
 the generator's. Measured on the project's 2-core box, nothing else running
-(load < 1): 26.8 and 28.7 s wall (about 41 s CPU over both cores), peak RSS
-6.8-7.0 GB, 2.7% of records quarantined; phases: CSV + rules 12 s, ids and
-splits 2.5 s, GX 6 s with the file writes alongside, then 8 s more of writing.
-With other jobs on the box (load 4-7) the same run took 58-113 s wall at
-37-47 s CPU. The table is pessimistic: a quarter of its reads are longer than
+(load < 1), with the one-pass stage that held the whole table: 26.8 and
+28.7 s wall (about 41 s CPU over both cores), peak RSS 6.8-7.0 GB. The
+stage now streams (ids first, then block by block, writing as it goes);
+old and new back to back on the same 5.15 M rows, with other sessions
+training on the box (load 8-10): old 254 s wall, 111 s CPU, 6.96 GB peak;
+new 178 s wall, 107 s CPU, 2.46 GB peak, identical valid/quarantine
+contents (2.7% of records quarantined). This script under load ~20: 346 s
+wall, 120 s CPU, 2.79 GB. Where the new peak sits (RSS sampled per phase):
+reading the ids 1.5 GB, their dictionary codes 2.2 GB, the streamed pass
+2.3 GB, GX 2.45 GB; about 0.4 GB of it is the imports. CPU time on this
+shared box grows with its load, so compare runs made side by side.
+The table is pessimistic: a quarter of its reads are longer than
 660 nt and need a trim (few of the real ones do). Usage::
 
     .venv/bin/python benchmarks/validate_bench.py               # 5.15M rows

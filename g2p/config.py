@@ -89,13 +89,27 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    """Rules for ``g2p data validate`` (Great Expectations stage)."""
+    """Rules for ``g2p data validate`` (Great Expectations stage).
+
+    ``image_sample``: 0 checks every record's image; N > 0 checks N records
+    drawn at random (fixed seed; all when fewer are eligible). A count, not a
+    fraction: how well a sample estimates the share of bad images depends on
+    how many are checked, not on what share of the data they are, and a count
+    bounds the stage's time whatever the data's size. Unchecked records are
+    not judged on their images.
+    """
 
     min_length: int = 200  # nt after normalisation
     max_length: int = 660  # reads past this are trimmed, never rejected
     max_n_fraction: float = 0.1
     max_reject_fraction: float = 0.05  # the stage fails above this share
     check_images: bool = True
+    image_sample: int = 0  # images to check at random; 0: all
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_sample, bool) or not isinstance(self.image_sample, int) or self.image_sample < 0:
+            raise ConfigError(f"validate.image_sample: {self.image_sample!r} is not a count of images "
+                              "(0 = check all, N > 0 = check N at random)")
 
 
 # ----------------------------------------------------------------------------

@@ -1,19 +1,25 @@
 """``g2p data validate``: judge a root in the BIOSCAN-5M layout, keep or quarantine each record.
 
-Flow (one pass over the CSV, Arrow throughout, nothing per record in Python
-except rejected records):
+Flow (two passes over the CSV, Arrow throughout, nothing per record in
+Python except rejected records):
 
-1. stream the metadata in blocks; per block, :mod:`g2p.data.normalise`
+1. a narrow pass reads only ``processid``, ``split`` and ``chunk``: the
+   whole-file rules (processid present and unique, split known) and the
+   image check, a Ray Data job (:mod:`pipelines.image_check`; all images, or
+   ``image_sample`` of them);
+2. the metadata streams in blocks; per block, :mod:`g2p.data.normalise`
    normalises barcodes and reads coordinates (the one home of those rules),
-   giving derived per-record columns and a row mask per rule;
-2. processid duplicates over the whole file; image status where checked;
+   giving derived per-record columns and a row mask per rule; with every mask
+   of the block known, its kept records go to ``valid.parquet`` and its
+   rejected ones (their source fields plus every reason as JSON) to
+   ``quarantine.parquet``, row group by row group. Only the narrow derived
+   columns outlive their block: at BIOSCAN-5M's 5.15 M records the whole
+   table is 4 GB, 3.4 GB of it barcodes;
 3. Great Expectations runs the suite (:mod:`pipelines.gx_suite`) over the
    derived frame and builds Data Docs; its unexpected count per expectation
    is what the summary reports, and must equal the rule's mask count (else
    the suite and the rules disagree, an error);
-4. write ``valid.parquet``, ``quarantine.parquet`` (one row per rejected
-   record: its source fields unchanged plus every reason as JSON),
-   ``summary.json`` and ``data_docs/``; then fail if too many were rejected.
+4. ``summary.json``; then fail if too many were rejected.
 
 Decisions: every copy of a duplicated processid is rejected (GX's uniqueness
 semantics; which copy is right cannot be known, and each claims the same
@@ -33,7 +39,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,9 +53,11 @@ from g2p.data.bioscan import arrow_types, metadata_path, record_image_relpath
 from g2p.data.layout import SPLITS
 from g2p.data.normalise import MAX_NUCLEOTIDES, BarcodeRules, barcode_checks, coordinate_checks
 from pipelines.gx_suite import Rule, SuiteResult, build_rules, run_suite
+from pipelines.image_check import IMAGE_SAMPLE_SEED, check_images, eligible_rows, image_status  # noqa: F401
 
 TEXT_COLUMNS = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split", "chunk")
 REQUIRED = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split")
+ID_COLUMNS = ("processid", "split", "chunk")  # what the first pass reads
 _BLOCK = 16 << 20  # CSV bytes per streamed block
 _SLICE = 1 << 18  # records per written row group
 
@@ -77,37 +85,36 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
         now = time.perf_counter()
         timings[name], clock = round(now - clock, 2), now
 
-    table, d = read_and_derive(root, cfg)
-    lap("read_and_rules")
-    n = table.num_rows
-    id_and_split_rules(table, d)
+    reader = open_metadata(root)  # checks the columns before anything slow
+    ids = read_ids(root, reader.schema.names)
+    n = ids.num_rows
+    d: dict[str, Any] = {"masks": {}}
+    id_and_split_rules(ids, d)
     lap("ids_and_splits")
+    images = {"checked": 0, "expected": 0, "sample": False, "seed": None}
     if cfg.check_images:
-        d["image"] = check_images(root, table, progress)
+        d["image"] = check_images(root, ids, progress, cfg.image_sample)
         d["masks"]["image.present"] = d["image"] == "missing"
         d["masks"]["image.decodable"] = d["image"] == "corrupt"
+        expected = len(eligible_rows(ids))
+        sampled = 0 < cfg.image_sample < expected
+        images = {"checked": int(np.count_nonzero(d["image"] != None)),  # noqa: E711 -- elementwise
+                  "expected": expected, "sample": sampled, "seed": IMAGE_SAMPLE_SEED if sampled else None}
         lap("images")
+    del ids
 
     rules = build_rules(cfg)
-    rejected = np.zeros(n, bool)
-    for r in rules:
-        rejected |= d["masks"][r.key]
-    has_place = d["lat_given"] & d["lon_given"]
-    # The files are written (C++, GIL released) while GX runs (mostly pandas).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        writing = pool.submit(_timed, write_outputs, table, d, rules, rejected, has_place, out)
-        suite = run_suite(derived_frame(d, cfg.check_images), rules, out / "data_docs")
-        lap("great_expectations")
-        timings["write_alongside_gx"] = writing.result()
-    lap("write_wait")
+    rejected, has_place = derive_and_write(reader, cfg, d, rules, out, n, progress)
+    lap("read_rules_and_write")
+    suite = run_suite(derived_frame(d, cfg.check_images), rules, out / "data_docs")
+    lap("great_expectations")
     for r in rules:  # GX is the authority for counts; the masks give the rows
         gx_count, rule_count = suite.per_rule[r.key]["unexpected_count"], int(d["masks"][r.key].sum())
         if gx_count != rule_count:
             raise RuntimeError(f"rule {r.key}: GX counts {gx_count} unexpected, g2p.data.normalise "
                                f"{rule_count}: the suite and the rules disagree")
 
-    summary = _summary(root, out, cfg, rules, suite, n, rejected, has_place, timings,
-                       images_checked=sum(s is not None for s in d["image"]) if cfg.check_images else 0)
+    summary = _summary(root, out, cfg, rules, suite, n, rejected, has_place, timings, images)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["reject_fraction"] > cfg.max_reject_fraction:
         worst = ", ".join(f"{k} ({summary['expectations'][k]['unexpected_count']})"
@@ -119,15 +126,8 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
     return summary
 
 
-def read_and_derive(root: Path, cfg: ValidateConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """Stream the CSV; per block apply the barcode and coordinate rules.
-
-    Returns the records (``dna_barcode`` normalised; the source text where
-    normalisation changed it kept as ``_raw``, or, for a read merely trimmed
-    past 660 nt, as just the trimmed ``_tail``: a quarter of a synthetic 5M
-    table is trimmed, and whole copies cost 0.9 GB) and the derived columns
-    and masks, keyed as the suite names them.
-    """
+def open_metadata(root: Path) -> pacsv.CSVStreamingReader:
+    """The metadata CSV as a stream of blocks; the required columns must be there."""
     reader = pacsv.open_csv(
         metadata_path(root), read_options=pacsv.ReadOptions(block_size=_BLOCK),
         convert_options=pacsv.ConvertOptions(column_types=arrow_types(TEXT_COLUMNS), strings_can_be_null=True),
@@ -135,29 +135,76 @@ def read_and_derive(root: Path, cfg: ValidateConfig) -> tuple[pa.Table, dict[str
     missing = [c for c in REQUIRED if c not in reader.schema.names]
     if missing:
         raise ValueError(f"{metadata_path(root)}: missing column(s) {missing}")
-    rules = BarcodeRules(cfg.min_length, cfg.max_length, cfg.max_n_fraction)
-    batches, parts = [], []
+    return reader
+
+
+def read_ids(root: Path, names: list[str]) -> pa.Table:
+    """The first pass: only ``processid``, ``split`` and ``chunk`` (where present), every record."""
+    return pacsv.read_csv(metadata_path(root), read_options=pacsv.ReadOptions(block_size=_BLOCK),
+                          convert_options=pacsv.ConvertOptions(
+                              include_columns=[c for c in ID_COLUMNS if c in names],
+                              column_types=arrow_types(ID_COLUMNS), strings_can_be_null=True))
+
+
+def derive_and_write(reader: pacsv.CSVStreamingReader, cfg: ValidateConfig, d: dict[str, Any], rules: list[Rule],
+                     out: Path, n: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The second pass: per block, the barcode and coordinate rules, then its kept and rejected records
+    written out. Adds the blocks' derived columns and masks to ``d`` (whose whole-file masks, known
+    already, it reads); returns (rejected, has_place) per record."""
+    from tqdm.auto import tqdm
+
+    whole_file = dict(d["masks"])
+    parts, rejected, has_place, start = [], [], [], 0
+    with _RowGroups(out / "valid.parquet", _stats) as valid, \
+            _RowGroups(out / "quarantine.parquet", lambda t: True) as quarantine, \
+            tqdm(total=n, desc="records", unit="rec", disable=not progress, mininterval=2.0) as bar:
+        for t, part in derived_blocks(reader, BarcodeRules(cfg.min_length, cfg.max_length, cfg.max_n_fraction)):
+            sl = slice(start, start + t.num_rows)
+            masks = {**part["masks"], **{k: m[sl] for k, m in whole_file.items()}}
+            rej = np.zeros(t.num_rows, bool)
+            for r in rules:
+                rej |= masks[r.key]
+            place = part["lat_given"] & part["lon_given"]
+            valid.write(valid_table(t, part, ~rej, place))
+            quarantine.write(quarantine_table(t, part, masks, rules, np.flatnonzero(rej), start))
+            parts.append(part)
+            rejected.append(rej)
+            has_place.append(place)
+            start += t.num_rows
+            bar.update(t.num_rows)
+    if start != n:
+        raise RuntimeError(f"the first pass read {n} records, the second {start}: "
+                           "the metadata changed while validating")
+    derived = _concat_parts(parts)
+    d["masks"].update(derived.pop("masks"))
+    d.update(derived)
+    return np.concatenate(rejected), np.concatenate(has_place)
+
+
+def derived_blocks(reader: pacsv.CSVStreamingReader, rules: BarcodeRules) -> Iterator[tuple[pa.Table, dict]]:
+    """Each block of the stream, in order, with its barcode normalised (source text kept where it
+    changed: ``_raw``, or, for a read merely trimmed past 660 nt, just the trimmed ``_tail``; a quarter
+    of a synthetic 5M table is trimmed) and its derived columns and masks, keyed as the suite names them.
+    A header-only file gives one empty block, so the outputs get their columns."""
     # Blocks are judged in worker threads while the reader parses the next
-    # ones (Arrow and numpy release the GIL); a short queue bounds memory.
+    # ones and the caller writes (Arrow and numpy release the GIL); a short
+    # queue bounds memory.
     pending: deque[Future] = deque()
+    seen = False
     with ThreadPoolExecutor(max_workers=2) as pool:
         for batch in reader:
             pending.append(pool.submit(_derive_batch, batch, rules))
             while len(pending) > 3 or (pending and pending[0].done()):
-                b, part = pending.popleft().result()
-                batches.append(b)
-                parts.append(part)
-        for f in pending:
-            b, part = f.result()
-            batches.append(b)
-            parts.append(part)
-    if not batches:  # a header only: zero-length columns of the right kinds
-        b, part = _derive_batch(pa.RecordBatch.from_pylist([], schema=reader.schema), rules)
-        batches, parts = [b], [part]
-    return pa.Table.from_batches(batches), _concat_parts(parts)
+                seen = True
+                yield pending.popleft().result()
+        while pending:
+            seen = True
+            yield pending.popleft().result()
+    if not seen:
+        yield _derive_batch(pa.RecordBatch.from_pylist([], schema=reader.schema), rules)
 
 
-def _derive_batch(batch: pa.RecordBatch, rules: BarcodeRules) -> tuple[pa.RecordBatch, dict[str, Any]]:
+def _derive_batch(batch: pa.RecordBatch, rules: BarcodeRules) -> tuple[pa.Table, dict[str, Any]]:
     """One block: the barcode and coordinate rules, the block with its barcode
     normalised (source text kept where it changed), and the derived columns."""
     bc = barcode_checks(batch.column("dna_barcode"), rules)
@@ -180,7 +227,7 @@ def _derive_batch(batch: pa.RecordBatch, rules: BarcodeRules) -> tuple[pa.Record
             | cc.problems[("coord-lon", "both_or_neither")],
         },
     }
-    return pa.RecordBatch.from_pydict(cols), part
+    return pa.table(cols), part
 
 
 def _changed_text(raw: pa.Array, changed: np.ndarray, trimmed_only: np.ndarray) -> tuple[pa.Array, pa.Array]:
@@ -198,15 +245,18 @@ def _changed_text(raw: pa.Array, changed: np.ndarray, trimmed_only: np.ndarray) 
 
 
 def _concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The blocks' derived columns end to end (numpy arrays, Arrow chunked arrays)."""
+    """The blocks' derived columns end to end (numpy arrays, Arrow chunked arrays). Empties ``parts``
+    key by key, so no more than one column is held twice while numpy copies."""
     out: dict[str, Any] = {}
-    for k, v in parts[0].items():
+    for k in list(parts[0]):
+        vals = [p.pop(k) for p in parts]
         if k == "masks":
-            out[k] = {m: np.concatenate([p[k][m] for p in parts]) for m in v}
-        elif isinstance(v, pa.Array):
-            out[k] = pa.chunked_array([p[k] for p in parts], type=v.type)
+            out[k] = {m: np.concatenate([v.pop(m) for v in vals]) for m in list(vals[0])}
+        elif isinstance(vals[0], pa.Array):
+            out[k] = pa.chunked_array(vals, type=vals[0].type)
         else:
-            out[k] = np.concatenate([p[k] for p in parts])
+            out[k] = np.concatenate(vals)
+        del vals
     return out
 
 
@@ -247,43 +297,6 @@ def derived_frame(d: dict[str, Any], with_images: bool) -> pd.DataFrame:
     return frame
 
 
-def check_images(root: Path, table: pa.Table, progress: bool) -> np.ndarray:
-    """Per record: "ok", "missing", "corrupt", or None where no image is expected
-    (no processid, or a split outside the official ones)."""
-    from tqdm.auto import tqdm
-
-    pids = table.column("processid").to_pylist()
-    splits = table.column("split").to_pylist()
-    chunks = table.column("chunk").to_pylist() if "chunk" in table.column_names else [None] * len(pids)
-    todo = [i for i, (p, s) in enumerate(zip(pids, splits)) if p is not None and s in SPLITS]
-    paths = [root / record_image_relpath(pids[i], splits[i], chunks[i]) for i in todo]
-    status = np.full(len(pids), None, dtype=object)
-    # Threads: file reads and JPEG decoding release the GIL.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        it = pool.map(image_status, paths, chunksize=64)
-        status[todo] = list(tqdm(it, total=len(paths), desc="images", unit="img", disable=not progress,
-                                 mininterval=2.0))
-    return status
-
-
-def image_status(path: Path) -> str:
-    """"ok" when the file exists, passes ``PIL.Image.verify`` and decodes (JPEG at
-    1/8 scale: every compressed byte is still read, so truncation shows)."""
-    from PIL import Image
-
-    if not path.is_file():
-        return "missing"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            im.draft("RGB", (32, 32))
-            im.load()
-    except Exception:  # noqa: BLE001 -- any failure to decode is the verdict, not an error
-        return "corrupt"
-    return "ok"
-
-
 def _raw_barcode(t: pa.Table) -> pa.ChunkedArray:
     """The source text where normalisation changed it, else null."""
     return pc.coalesce(t.column("_raw"), pc.binary_join_element_wise(t.column("dna_barcode"), t.column("_tail"), ""))
@@ -293,59 +306,76 @@ def _source_barcode(t: pa.Table) -> pa.ChunkedArray:
     return pc.coalesce(_raw_barcode(t), t.column("dna_barcode"))
 
 
-def _timed(f: Any, *args: Any) -> float:
-    t = time.perf_counter()
-    f(*args)
-    return round(time.perf_counter() - t, 2)
+def valid_table(t: pa.Table, part: dict[str, Any], keep: np.ndarray, has_place: np.ndarray) -> pa.Table:
+    """A block's kept records: official columns (``dna_barcode`` normalised,
+    coordinates float64), then ``dna_barcode_raw`` and ``has_place``."""
+    t = t.filter(pa.array(keep))
+    for col, key in (("coord-lat", "lat"), ("coord-lon", "lon")):
+        vals = part[key][keep]
+        t = t.set_column(t.schema.get_field_index(col), col, pa.array(vals, pa.float64(), mask=np.isnan(vals)))
+    t = t.append_column("dna_barcode_raw", _raw_barcode(t)).drop_columns(["_raw", "_tail"])
+    return _official_integers(t).append_column("has_place", pa.array(has_place[keep]))
 
 
-def write_outputs(table: pa.Table, d: dict[str, Any], rules: list[Rule], rejected: np.ndarray,
-                  has_place: np.ndarray, out: Path) -> None:
-    write_valid(table, d, ~rejected, has_place, out / "valid.parquet")
-    write_quarantine(table, d, rules, np.flatnonzero(rejected), out / "quarantine.parquet")
-
-
-def write_valid(table: pa.Table, d: dict[str, Any], keep: np.ndarray, has_place: np.ndarray, path: Path) -> None:
-    """Kept records, slice by slice (no second copy of the table in memory):
-    official columns (``dna_barcode`` normalised, coordinates float64), then
-    ``dna_barcode_raw`` and ``has_place``."""
-    writer = None
-    for start in range(0, max(table.num_rows, 1), _SLICE):
-        sl = slice(start, start + _SLICE)
-        k = keep[sl]
-        t = table.slice(start, _SLICE).filter(pa.array(k))
-        for col, key in (("coord-lat", "lat"), ("coord-lon", "lon")):
-            vals = d[key][sl][k]
-            t = t.set_column(t.schema.get_field_index(col), col, pa.array(vals, pa.float64(), mask=np.isnan(vals)))
-        t = t.append_column("dna_barcode_raw", _raw_barcode(t)).drop_columns(["_raw", "_tail"])
-        t = _official_integers(t).append_column("has_place", pa.array(has_place[sl][k]))
-        if writer is None:
-            writer = pq.ParquetWriter(path, t.schema, compression="snappy", write_statistics=_stats(t))
-        writer.write_table(t)
-    if writer is not None:
-        writer.close()
-
-
-def write_quarantine(table: pa.Table, d: dict[str, Any], rules: list[Rule], rows: np.ndarray, path: Path) -> None:
-    """One row per rejected record: its source fields unchanged (coordinates as
-    text, the barcode as read), its normalised barcode, and every reason."""
-    take = pa.array(rows, pa.int64())
-    chosen = np.zeros(table.num_rows, bool)
+def quarantine_table(t: pa.Table, part: dict[str, Any], masks: dict[str, np.ndarray], rules: list[Rule],
+                     rows: np.ndarray, start: int) -> pa.Table:
+    """A block's rejected records (``rows`` of the block, which begins at record ``start``): source
+    fields unchanged (coordinates as text, the barcode as read), the normalised barcode, every reason."""
+    chosen = np.zeros(t.num_rows, bool)
     chosen[rows] = True
-    t = table.filter(pa.array(chosen))  # filter, not take: take would join >2 GB of strings into one array
+    q = t.filter(pa.array(chosen))
     reasons: list[list[dict[str, Any]]] = [[] for _ in rows]
     for r in rules:
-        local = np.flatnonzero(d["masks"][r.key][rows])
-        for j, value, column in zip(local.tolist(), *_offending(r.key, rows[local], local, d, t)):
+        local = np.flatnonzero(masks[r.key][rows])
+        for j, value, column in zip(local.tolist(), *_offending(r.key, rows[local], local, part, q)):
             reasons[j].append({"rule": r.key, "column": column, "expectation": r.expectation.expectation_type,
                                "value": value})
-    t = t.set_column(t.schema.get_field_index("dna_barcode"), "dna_barcode", _source_barcode(t))
-    t = t.drop_columns(["_raw", "_tail"])
-    t = t.append_column("dna_barcode_normalised", table.column("dna_barcode").filter(pa.array(chosen)))
-    t = t.add_column(0, "row", take)  # record number in the source file, from 0
-    t = t.append_column("rules", pa.array([[x["rule"] for x in rs] for rs in reasons], pa.list_(pa.string())))
-    t = t.append_column("reasons", pa.array([json.dumps(rs) for rs in reasons], pa.string()))
-    pq.write_table(t, path, compression="snappy")
+    q = q.set_column(q.schema.get_field_index("dna_barcode"), "dna_barcode", _source_barcode(q))
+    q = q.drop_columns(["_raw", "_tail"])
+    q = q.append_column("dna_barcode_normalised", t.column("dna_barcode").filter(pa.array(chosen)))
+    q = q.add_column(0, "row", pa.array(start + rows, pa.int64()))  # record number in the source file, from 0
+    q = q.append_column("rules", pa.array([[x["rule"] for x in rs] for rs in reasons], pa.list_(pa.string())))
+    return q.append_column("reasons", pa.array([json.dumps(rs) for rs in reasons], pa.string()))
+
+
+class _RowGroups:
+    """A Parquet file written as tables come, in row groups of at least ``_SLICE`` records (the last
+    may be smaller); with no rows at all, an empty file with the columns of the tables given."""
+
+    def __init__(self, path: Path, stats: Any):
+        self.path, self.stats = path, stats
+        self.writer: pq.ParquetWriter | None = None
+        self.buffer: list[pa.Table] = []
+        self.rows = 0
+        self.empty: pa.Table | None = None
+
+    def write(self, t: pa.Table) -> None:
+        if self.empty is None:
+            self.empty = t.slice(0, 0)
+        if t.num_rows:
+            self.buffer.append(t)
+            self.rows += t.num_rows
+        if self.rows >= _SLICE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        t = pa.concat_tables(self.buffer)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, t.schema, compression="snappy", write_statistics=self.stats(t))
+        self.writer.write_table(t, row_group_size=t.num_rows)
+        self.buffer, self.rows = [], 0
+
+    def __enter__(self) -> "_RowGroups":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+        elif self.empty is not None:
+            pq.write_table(self.empty, self.path, compression="snappy", write_statistics=self.stats(self.empty))
 
 
 _AXIS = {"coord-lat": "lat", "coord-lon": "lon"}
@@ -353,7 +383,7 @@ _AXIS = {"coord-lat": "lat", "coord-lon": "lon"}
 
 def _offending(key: str, idx: np.ndarray, local: np.ndarray, d: dict[str, Any], t: pa.Table) -> tuple[list, list]:
     """(offending value, column) for the records failing rule ``key``: ``idx``
-    index the whole file (and ``d``), ``local`` the quarantine table ``t``."""
+    index the block (and its derived columns ``d``), ``local`` the quarantine table ``t``."""
     if key == "coordinates.both_or_neither":  # reported on the absent column
         lat_given = d["lat_given"][idx]
         return [None] * len(idx), np.where(lat_given, "coord-lon", "coord-lat").tolist()
@@ -397,7 +427,7 @@ def _stats(t: pa.Table) -> list[str]:
 
 def _summary(root: Path, out: Path, cfg: ValidateConfig, rules: list[Rule], suite: SuiteResult, n: int,
              rejected: np.ndarray, has_place: np.ndarray, timings: dict[str, float],
-             images_checked: int) -> dict[str, Any]:
+             images: dict[str, Any]) -> dict[str, Any]:
     per_rule = {r.key: {"column": r.column, **suite.per_rule[r.key]} for r in rules}
     worst = sorted((k for k, v in per_rule.items() if v["unexpected_count"]),
                    key=lambda k: -per_rule[k]["unexpected_count"])
@@ -407,7 +437,10 @@ def _summary(root: Path, out: Path, cfg: ValidateConfig, rules: list[Rule], suit
         "root": str(root), "out": str(out), "records_in": n, "valid": n - quarantined, "quarantined": quarantined,
         "reject_fraction": share, "max_reject_fraction": cfg.max_reject_fraction,
         "passed": share <= cfg.max_reject_fraction,
-        "valid_without_place": int((~has_place & ~rejected).sum()), "images_checked": images_checked,
+        "valid_without_place": int((~has_place & ~rejected).sum()), "images_checked": images["checked"],
+        # expected: records that should have an image; sample: only some of them were checked (seed:
+        # which), and the others are not judged on their images
+        "images": images,
         "expectations": per_rule, "worst_expectations": worst[:3],
         "gx_success": suite.success, "gx_statistics": suite.statistics,
         "gx_runs_on": "one row per record: processid (as a dictionary code), split, normalised barcode "

@@ -34,6 +34,8 @@ def test_unknown_key_names_the_dotted_key() -> None:
         ({"sampling": {"steps": "25"}}, "sampling.steps"),
         ({"sampling": {"steps": 2.5}}, "sampling.steps"),
         ({"data": {"metadata_only": 1}}, "data.metadata_only"),
+        ({"validate": {"image_sample": 0.5}}, "validate.image_sample"),
+        ({"validate": {"image_sample": -3}}, r"validate.image_sample: -3"),
         ({"sampling": {"scheduler": "heun"}}, "sampling.scheduler"),
         ({"vae": {"block_out_channels": [32, "x"]}}, r"vae.block_out_channels\[1\]"),
         ({"vae": {"block_out_channels": 32}}, "vae.block_out_channels"),

@@ -192,3 +192,46 @@ def test_relative_output_folder_as_dvc_runs_it(bioscan_sample_root: Path, tmp_pa
     assert main(["data", "validate", "--root", str(bioscan_sample_root), "--out", "outputs/validation",
                  "--quiet"]) == 0
     assert (tmp_path / "outputs/validation/data_docs/index.html").exists()
+
+
+def test_ray_image_check_matches_the_per_record_function(crafted) -> None:
+    """The Ray Data job (several blocks, results joined back by row) gives each record's own verdict."""
+    from g2p.data.bioscan import record_image_relpath
+    from g2p.data.layout import SPLITS
+    from pipelines.image_check import check_images, eligible_rows, image_status, num_blocks
+    from pipelines.validation import open_metadata, read_ids
+
+    root, _, _ = crafted
+    ids = read_ids(root, open_metadata(root).schema.names)
+    assert num_blocks(len(eligible_rows(ids)), 2) > 1
+    got = check_images(root, ids, progress=False)
+    want = [image_status(root / record_image_relpath(p, s, c)) if p is not None and s in SPLITS else None
+            for p, s, c in zip(*(ids.column(k).to_pylist() for k in ("processid", "split", "chunk")))]
+    assert got.tolist() == want
+    assert {None, "ok", "missing", "corrupt"} <= set(want)
+
+
+def test_image_sample_checks_a_seeded_subset_only(crafted, tmp_path: Path) -> None:
+    from pipelines.image_check import eligible_rows, num_blocks, sample_rows
+    from pipelines.validation import open_metadata, read_ids
+
+    root, expect, df = crafted
+    ids = read_ids(root, open_metadata(root).schema.names)
+    rows = sample_rows(eligible_rows(ids), 12)
+    assert rows.tolist() == sample_rows(eligible_rows(ids), 12).tolist() and len(set(rows.tolist())) == 12
+    s = validate_root(root, tmp_path, ValidateConfig(max_reject_fraction=1.0, image_sample=12), progress=False)
+    assert s["images_checked"] == 12 and s["images"] == {
+        "checked": 12, "expected": len(eligible_rows(ids)), "sample": True, "seed": 0}
+    sampled = set(df["processid"].iloc[rows])
+    image_rules = {"image.present", "image.decodable"}
+    want = {p for p, r in expect.items() if r - image_rules or (r & image_rules and p in sampled)}
+    q = pd.read_parquet(tmp_path / "quarantine.parquet")
+    assert set(q["processid"]) == want
+    for _, row in q.iterrows():  # an unsampled record is not judged on its image
+        assert set(row["rules"]) == (expect[row["processid"]] if row["processid"] in sampled
+                                     else expect[row["processid"]] - image_rules)
+    assert s["expectations"]["image.present"]["element_count"] == len(df)
+    everything = validate_root(root, tmp_path / "all", ValidateConfig(max_reject_fraction=1.0, image_sample=10**6),
+                               progress=False)
+    assert not everything["images"]["sample"] and everything["images_checked"] == len(eligible_rows(ids))
+    assert [num_blocks(n, 2) for n in (0, 10, 40, 10**6)] == [1, 1, 3, 8] and num_blocks(10**6, 64) == 256
