@@ -3,7 +3,7 @@
     python -m benchmarks sampling                  # the trained default model (make run)
     python -m benchmarks sampling --quick          # smoke run on random tiny components
     python -m benchmarks.bench_sampling --model models/g2pdiffusion --judge models/judge \\
-        --data outputs/prepared/val.safetensors --samples 2 --out reports/sampling.json
+        --data outputs/prepared/val --samples 2 --out reports/sampling.json
 
 Every setting samples the SAME ``val`` barcodes (validation, never test:
 nothing is tuned on test) from the same per-image seeds, with aligner
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/g2pdiffusion")
     p.add_argument("--judge", default="models/judge")
-    p.add_argument("--data", default="outputs/prepared/val.safetensors")
+    p.add_argument("--data", default="outputs/prepared/val")
     p.add_argument("--split", default="val")
     p.add_argument("--samples", type=int, default=2, help="images per barcode")
     p.add_argument("--seed", type=int, default=0)

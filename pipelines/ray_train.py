@@ -61,6 +61,7 @@ LOG_FLUSH_S = 5.0  # how often rank 0 rewrites the step log to storage between c
 # its default is 2 s. Also how soon a dead worker is noticed.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_S = "0.2"
+START_ATTEMPTS = 3  # a local Ray start that times out (an overloaded machine) is retried
 DATA_CPUS = 1  # logical CPUs a local Ray adds for Ray Data's streaming readers (see ensure_ray)
 
 
@@ -141,8 +142,16 @@ def ensure_ray(num_cpus: int | None = None) -> float:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one machine: nothing to preempt
         # One logical CPU beyond the cores: training workers reserve theirs, and
         # Ray Data's readers, which stream the shards to them, need one left.
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + DATA_CPUS, include_dashboard=True, dashboard_port=port,
-                 logging_level=logging.WARNING)
+        for attempt in range(START_ATTEMPTS):
+            try:
+                ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + DATA_CPUS, include_dashboard=True,
+                         dashboard_port=port, logging_level=logging.WARNING)
+                break
+            except Exception as e:  # Ray waits a fixed 30 s for its raylet; an overloaded machine can miss it
+                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS - 1:
+                    raise
+                ray.shutdown()
+                print(f"ensure_ray: local Ray did not start in time ({e}); retrying", flush=True)
     return time.perf_counter() - t0
 
 

@@ -1,7 +1,7 @@
 """A sample sheet from a trained generator: one row per species, the real image first.
 
     python -m pipelines.samples --model models/g2pdiffusion \\
-        --data outputs/prepared/test.safetensors --out docs/samples.png
+        --data outputs/prepared/test --out docs/samples.png
 
 Rows are the first record of the first ``--species`` test species (sorted
 names); columns the real image, then ``--n`` samples for its barcode and
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="Write a sample sheet (real image + samples per species).")
     p.add_argument("--model", default="models/g2pdiffusion")
-    p.add_argument("--data", default="outputs/prepared/test.safetensors")
+    p.add_argument("--data", default="outputs/prepared/test")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="docs/samples.png")
     p.add_argument("--species", type=int, default=6)

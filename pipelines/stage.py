@@ -1,6 +1,6 @@
 """One DVC training stage: Ray Train + MLflow + DVC metrics/plots around :func:`ray_train.run_stage`.
 
-    python -m pipelines.stage --stage train_vae --data outputs/prepared/train.safetensors \\
+    python -m pipelines.stage --stage train_vae --data outputs/prepared/train \\
         --init-model models/pretrain_conditioner --out models/train_vae
 
 What it adds to ``python -m pipelines.ray_train``:

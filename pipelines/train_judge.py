@@ -1,8 +1,8 @@
 """The graders' DVC stages: ``train_judge`` and ``train_trait_reader`` on Ray Train, logged to MLflow.
 
-    python -m pipelines.train_judge --stage train_judge --data outputs/prepared/train.safetensors \\
+    python -m pipelines.train_judge --stage train_judge --data outputs/prepared/train \\
         --valid outputs/validation/valid.parquet --root data --out models/judge
-    python -m pipelines.train_judge --stage train_trait_reader --data outputs/prepared/train.safetensors \\
+    python -m pipelines.train_judge --stage train_trait_reader --data outputs/prepared/train \\
         --valid outputs/validation/valid.parquet --root data \\
         --ground-truth data/bioscan5m/metadata/synthetic_ground_truth.parquet --out models/trait_reader
 

@@ -19,9 +19,9 @@ src, steps, save = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ws = [float(x) for x in sys.argv[4].split(",")]
 m = G2PDiffusion.from_pretrained(src)
 judge = Judge.from_pretrained(ROOT / "models/judge")
-test = load_data(ROOT / "outputs/prepared/val.safetensors", ["val"], m.cfg.vae.image_size)  # choose on val, never test
+test = load_data(ROOT / "outputs/prepared/val", ["val"], m.cfg.vae.image_size)  # choose on val, never test
 if steps > 0:
-    train = load_data(ROOT / "outputs/prepared/train.safetensors", ["train"], m.cfg.vae.image_size)
+    train = load_data(ROOT / "outputs/prepared/train", ["train"], m.cfg.vae.image_size)
     lat = stages.encode_latents(m, train.images)
     stages.train_aligner(m, train, dataclasses.replace(m.cfg.train_aligner, steps=steps), latents=lat, progress=False)
     m.save_pretrained(save)

@@ -57,9 +57,9 @@ if __name__ == "__main__":
         model.cfg = model.cfg.set(key, value)
     cfg = model.cfg
     judge = Judge.from_pretrained(f"{ROOT}/models/judge")
-    test = load_data(f"{ROOT}/outputs/prepared/val.safetensors", ["val"], cfg.vae.image_size)  # choose on val, never test
+    test = load_data(f"{ROOT}/outputs/prepared/val", ["val"], cfg.vae.image_size)  # choose on val, never test
     if not a.eval_only:
-        train = load_data(f"{ROOT}/outputs/prepared/train.safetensors", ["train"], cfg.vae.image_size)
+        train = load_data(f"{ROOT}/outputs/prepared/train", ["train"], cfg.vae.image_size)
         lat = stages.encode_latents(model, train.images)
         # the whole UNet trains unless --lora-only (lora.finetune_base, default on)
         model.cfg = model.cfg.set("lora.finetune_base", not a.lora_only)

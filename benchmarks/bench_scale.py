@@ -1,0 +1,222 @@
+"""Scale: validate, prepare, latent encoding and 100 streamed train_diffusion steps at 20 k and 200 k records.
+
+    python -m benchmarks scale                      # 20 k and 200 k records
+    python -m benchmarks scale --sizes 20000        # one size
+    python benchmarks/bench_scale.py --quick        # 2 k records, 20 steps (a smoke run)
+    python benchmarks/bench_scale.py --workers-only # 1 vs 2 Ray workers on the streamed ingest
+
+A synthetic root in the BIOSCAN-5M layout is grown from a small synthesised
+one (256 px JPEGs): its metadata rows are repeated with new processids and
+every record gets its own image *file*, a hard link to one of the pool's
+images, so every record is opened and decoded on its own while the disk holds
+only the pool. Then each phase runs as its own process (so its peak memory is
+its own): ``g2p data validate`` (images checked), ``pipelines.prepare``,
+``pipelines.latents`` (the default preset's VAE: its speed, not its quality,
+matters here) and 100 steps of ``train_diffusion`` streamed from the latents
+on 2 Ray workers. For each: wall time, records/s, the peak resident memory of
+the driver and of the largest other process of its tree (a Ray worker),
+sampled every 0.2 s. The figures to read are the ratios between the sizes:
+peak memory at 200 k within 1.25x of 20 k, time per record within 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def grow_root(pool: Path, out: Path, n: int) -> None:
+    """``out``: ``n`` records (metadata of ``pool`` repeated, new processids), one hard-linked image each."""
+    import pandas as pd
+
+    from g2p.data.layout import COLUMN_DTYPES, METADATA_RELPATH, image_relpath
+
+    src = pd.read_csv(pool / METADATA_RELPATH, dtype=COLUMN_DTYPES)
+    src = src[src["split"] != "pretrain"].reset_index(drop=True)  # records with images
+    reps = -(-n // len(src))
+    df = pd.concat([src] * reps, ignore_index=True).iloc[:n].copy()
+    orig = df["processid"].to_numpy()
+    df["processid"] = [f"SCL{i:07d}-24" for i in range(n)]
+    df["sampleid"] = [f"SCALE-{i:07d}" for i in range(n)]
+    df["chunk"] = ""
+    (out / METADATA_RELPATH).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / METADATA_RELPATH, index=False)
+    made: set[Path] = set()
+    for pid, old, split, chunk in zip(df["processid"], orig, df["split"], src["chunk"].to_numpy()[
+            [i % len(src) for i in range(n)]]):
+        dest = out / image_relpath(pid, split, None)
+        if dest.parent not in made:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            made.add(dest.parent)
+        c = None if pd.isna(chunk) or chunk == "" else str(chunk)
+        os.link(pool / image_relpath(old, split, c), dest)
+
+
+class PeakRSS:
+    """Peak RSS of a process and of the largest process among its descendants, sampled."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        import psutil
+
+        self.proc, self.every = psutil.Process(pid), every
+        self.driver = self.worker = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                self.driver = max(self.driver, self.proc.memory_info().rss)
+                for c in self.proc.children(recursive=True):
+                    try:
+                        self.worker = max(self.worker, c.memory_info().rss)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            time.sleep(self.every)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._t.join()
+        return self.driver / 2**30, self.worker / 2**30
+
+
+def phase(name: str, cmd: list[str], cwd: Path, env: dict[str, str], records: int) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = PeakRSS(p.pid)
+    out, _ = p.communicate()
+    wall = time.perf_counter() - t0
+    driver, worker = peak.stop()
+    if p.returncode:
+        raise RuntimeError(f"{name} failed ({p.returncode}):\n{out[-4000:]}")
+    row = {"phase": name, "records": records, "wall_s": round(wall, 1), "records_per_s": round(records / wall, 1),
+           "ms_per_record": round(1000 * wall / records, 3), "driver_peak_gb": round(driver, 2),
+           "worker_peak_gb": round(worker, 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def params_for(work: Path, steps: int, workers: int) -> Path:
+    raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "default"],
+                                        capture_output=True, text=True, check=True).stdout)
+    raw["validate"]["max_reject_fraction"] = 1.0  # the grown root repeats barcodes; measure, do not gate
+    raw["train_diffusion"].update(steps=steps, log_every=10, checkpoint_every=steps)
+    raw["ray"].update(num_workers=workers, storage_path=str(work / "ray"))
+    path = work / f"params-{workers}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str]) -> list[dict]:
+    root = work / f"root{n}"
+    t0 = time.perf_counter()
+    grow_root(pool, root, n)
+    print(f"scale: grew a {n}-record root in {time.perf_counter() - t0:.0f} s", flush=True)
+    params = params_for(work, steps, 2)
+    py = [sys.executable, "-m"]
+    model = work / "model"
+    rows = [
+        phase("validate", [str(BIN / "g2p"), "data", "validate", "--root", str(root), "--out", str(work / f"val{n}"),
+                           "--params", str(params), "--quiet"], work, env, n),
+        phase("prepare", py + ["pipelines.prepare", "--valid", str(work / f"val{n}" / "valid.parquet"), "--root",
+                               str(root), "--out", str(work / f"prep{n}"), "--params", str(params), "--quiet"],
+              work, env, n),
+    ]
+    train_rows = json.loads((work / f"prep{n}" / "train" / "manifest.json").read_text())["rows"]
+    rows.append(phase("encode_latents", py + ["pipelines.latents", "--model", str(model), "--prepared",
+                                              str(work / f"prep{n}"), "--out", str(work / f"lat{n}"), "--params",
+                                              str(params), "--quiet"], work, env, train_rows))
+    rows.append(phase(f"train_diffusion_{steps}_steps", py + [
+        "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
+        "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}", "--out",
+        str(work / f"out{n}")], work, env, train_rows))
+    log = [json.loads(x) for x in (work / "ray" / f"diff{n}" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["global_samples_per_s"] for r in log if r.get("event") == "step"][1:]
+    rows[-1]["steady_samples_per_s"] = round(sorted(rates)[len(rates) // 2], 1) if rates else None
+    import shutil
+
+    shutil.rmtree(root)  # the links; the pool stays
+    return rows
+
+
+def workers_compare(work: Path, n: int, steps: int, env: dict[str, str]) -> list[dict]:
+    """1 vs 2 Ray workers streaming the same latents, alternated twice; median steady samples/s each."""
+    out = []
+    for rep in range(2):
+        for w in (1, 2):
+            params = params_for(work, steps, w)
+            name = f"w{w}-{rep}"
+            phase(f"train_diffusion_{w}_workers", [sys.executable, "-m", "pipelines.ray_train", "--stage",
+                                                   "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
+                                                   "--init-model", str(work / "model"), "--params", str(params),
+                                                   "--run-name", name, "--out", str(work / name)], work, env, 1)
+            log = [json.loads(x) for x in (work / "ray" / name / "metrics.jsonl").read_text().splitlines()]
+            rates = sorted(r["global_samples_per_s"] for r in log if r.get("event") == "step")[1:]
+            out.append({"workers": w, "rep": rep, "samples_per_s": round(rates[len(rates) // 2], 1)})
+            print(json.dumps(out[-1]), flush=True)
+    for w in (1, 2):
+        print(f"scale: {w} worker(s): best {max(r['samples_per_s'] for r in out if r['workers'] == w)} samples/s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    p.add_argument("--quick", action="store_true", help="2 k records, 20 steps")
+    p.add_argument("--workers-only", action="store_true", help="only 1 vs 2 workers (on the smallest size)")
+    a = p.parse_args(argv)
+    sizes, steps = ([2000], 20) if a.quick else (a.sizes, a.steps)
+    work = Path(a.work or tempfile.mkdtemp(prefix="g2p-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    pool = work / "pool"
+    if not pool.exists():
+        raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "tiny"],
+                                            capture_output=True, text=True, check=True).stdout)
+        raw["data"]["image_size"] = 256  # the images BIOSCAN-5M's cropped_256 folder holds
+        (work / "pool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        subprocess.run([str(BIN / "g2p"), "data", "synth", "--out", str(pool), "--params", str(work / "pool.yaml"),
+                        "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
+    if not (work / "model").exists():
+        subprocess.run([sys.executable, "-c", "from g2p.config import preset; from g2p.model import G2PDiffusion; "
+                        f"G2PDiffusion(preset('default')).save_pretrained({str(work / 'model')!r})"], check=True, env=env)
+    results: dict = {"sizes": {}}
+    if not a.workers_only:
+        for n in sizes:
+            results["sizes"][n] = run_size(pool, work, n, steps, env)
+        if len(sizes) >= 2:
+            lo, hi = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
+            for a_, b_ in zip(lo, hi):
+                peak = max(b_["driver_peak_gb"], b_["worker_peak_gb"]) / max(1e-9, max(a_["driver_peak_gb"],
+                                                                                        a_["worker_peak_gb"]))
+                print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f}, "
+                      f"time per record x{b_['ms_per_record'] / max(1e-9, a_['ms_per_record']):.2f}")
+    else:
+        run_size(pool, work, sizes[0], steps, env) if not (work / f"lat{sizes[0]}").exists() else None
+        results["workers"] = workers_compare(work, sizes[0], steps, env)
+    (work / "scale.json").write_text(json.dumps(results, indent=2))
+    print(f"scale: results in {work / 'scale.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
