@@ -30,13 +30,14 @@ def run(*cmd: str, cwd: Path, env: dict[str, str]) -> str:
     return out.stdout
 
 
-def make_tiny_repo(repo: Path, write_data: Callable[[Path, dict[str, str]], None],
-                   steps: int = 4) -> dict[str, str]:
+def make_tiny_repo(repo: Path, write_data: Callable[[Path, dict[str, str]], None], steps: int = 4,
+                   params: dict[str, dict] | None = None) -> dict[str, str]:
     """Fill ``repo`` (an empty folder) and commit it; the environment to run DVC and the stages in.
 
     ``repo`` gets dvc.yaml, .gitignore, g2p/ and pipelines/ from this
     checkout, a tiny-preset params.yaml with ``steps`` steps per training
-    stage, and ``data/`` from ``write_data(repo, env)``, tracked with
+    stage (and the sections of ``params`` updated on top), and ``data/``
+    from ``write_data(repo, env)``, tracked with
     ``dvc add``. MLflow is a sqlite store in ``repo``; the stages import the
     copied code (``PYTHONPATH``).
     """
@@ -47,10 +48,12 @@ def make_tiny_repo(repo: Path, write_data: Callable[[Path, dict[str, str]], None
         shutil.copy(REPO / name, repo / name)
     for name in ("g2p", "pipelines"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load(run("g2p", "config", "dump", "--preset", "tiny", cwd=repo, env=env))
+    values = yaml.safe_load(run("g2p", "config", "dump", "--preset", "tiny", cwd=repo, env=env))
     for stage in TRAIN_STAGES:
-        params[stage].update(steps=steps, log_every=1, checkpoint_every=2, batch_size=4)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        values[stage].update(steps=steps, log_every=1, checkpoint_every=2, batch_size=4)
+    for section, update in (params or {}).items():
+        values[section].update(update)
+    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     write_data(repo, env)
     for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@example.org"),
                 ("git", "config", "user.name", "t"), ("dvc", "init", "-q"), ("dvc", "add", "-q", "data"),
