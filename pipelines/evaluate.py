@@ -69,6 +69,9 @@ def load_eval_data(train: str | Path, test: str | Path, valid: str | Path | None
     from pipelines.ray_train import load_data
 
     splits = {"seen": load_data(test, ["test"], image_size)}
+    if len(splits["seen"]) == 0:
+        raise ValueError(f"split: no 'test' records in {test}; evaluate needs test records of at least two "
+                         f"seen species (import some, e.g. g2p data import-bioscan --splits ... test)")
     if valid is not None and root is not None:
         df = pd.read_parquet(valid)
         df = df[df["split"] == "test_unseen"]

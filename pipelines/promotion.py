@@ -11,6 +11,13 @@ With ``promote.require_same_eval`` both versions must carry the same
 ``eval_config_hash`` (same evaluation set and settings), else the gate
 refuses. No champion yet: the first model becomes champion. ``force`` promotes
 regardless, but the checks are still computed and recorded.
+
+Absent metrics: ``metrics.json`` marks a section it could not measure as
+``{"absent": "<reason>"}`` (``traits`` on real data: there is no synthetic
+ground truth). :func:`absent_sections` finds them; a gate metric under such a
+section (in either version) is an ``n/a`` check carrying the reason, neither
+passed nor failed, and the decision rests on the others and says so. If every
+gate metric is absent the gate refuses: there is nothing to decide on.
 Metric names are dotted paths into ``metrics.json``; in MLflow they become
 :func:`metric_key` (``@`` is not allowed there).
 """
@@ -67,12 +74,32 @@ def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
+def absent_sections(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted path -> reason for every section of ``metrics.json`` recorded as ``{"absent": reason}``."""
+    out: dict[str, str] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            if "absent" in v and isinstance(v["absent"], str):
+                out[f"{prefix}{k}"] = v["absent"]
+            else:
+                out.update(absent_sections(v, f"{prefix}{k}."))
+    return out
+
+
+def metric_absence(name: str, absent: Mapping[str, str]) -> str | None:
+    """Why metric ``name`` is absent (it lies under an absent section), else None."""
+    for path, reason in absent.items():
+        if name == path or name.startswith(path + "."):
+            return f"{path} absent: {reason}"
+    return None
+
+
 @dataclass
 class MetricCheck:
     """One metric of the gate: both versions' point estimates and 95% intervals, and the verdict."""
 
     metric: str
-    challenger: float
+    challenger: float | None  # None when absent
     challenger_low: float | None
     challenger_high: float | None
     champion: float | None = None
@@ -81,6 +108,7 @@ class MetricCheck:
     reference: float | None = None  # what the challenger had to reach
     op: str = ">="  # how it had to reach it (">" for strictly_better)
     passed: bool | None = None
+    absent: str | None = None  # why the metric could not be measured (then passed is None)
 
     def text(self) -> str:
         def ci(v: float | None, lo: float | None, hi: float | None) -> str:
@@ -88,6 +116,8 @@ class MetricCheck:
                 return "-"
             return f"{v:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
 
+        if self.absent is not None:
+            return f"{self.metric}: n/a ({self.absent})"
         verdict = {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
         ref = f" (needs {self.op} {self.reference:.4f})" if self.reference is not None else ""
         return (f"{self.metric}: challenger {ci(self.challenger, self.challenger_low, self.challenger_high)}"
@@ -107,6 +137,7 @@ class Decision:
     rule: str = ""
     min_delta: float = 0.0
     checks: list[MetricCheck] = field(default_factory=list)
+    absent: dict[str, str] = field(default_factory=dict)  # the challenger's unmeasured sections: reason
     eval_config_hash: dict[str, str | None] = field(default_factory=dict)
     by: str = ""
     at: str = ""
@@ -128,6 +159,7 @@ class Decision:
         if self.rule:
             lines.append(f"rule: {self.rule}, min_delta {self.min_delta:g}")
         lines += [f"  {c.text()}" for c in self.checks]
+        lines += [f"  not measured: {path} ({reason})" for path, reason in self.absent.items()]
         if self.by:
             lines.append(f"by {self.by} at {self.at}")
         return "\n".join(lines)
@@ -161,24 +193,42 @@ def _get(flat: Mapping[str, float], name: str, version: str) -> float:
 
 def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion: str | None,
            champ: Mapping[str, float] | None, section: PromoteSection, *, chal_hash: str | None = None,
-           champ_hash: str | None = None, force: bool = False) -> Decision:
+           champ_hash: str | None = None, force: bool = False, chal_absent: Mapping[str, str] | None = None,
+           champ_absent: Mapping[str, str] | None = None) -> Decision:
     """The promotion rule on two versions' flattened metrics (keys as :func:`metric_key` makes them).
 
     Pure: no MLflow. ``champ`` None = there is no champion yet (the first model
     becomes champion). ``force`` promotes whatever the metrics say, but the
-    checks are still computed and recorded.
+    checks are still computed and recorded. ``chal_absent`` / ``champ_absent``:
+    each version's :func:`absent_sections` (see the module docstring).
     """
+    chal_absent, champ_absent = dict(chal_absent or {}), dict(champ_absent or {})
     hashes = {"challenger": chal_hash, "champion": champ_hash}
     common = dict(model_name=model_name, version=challenger, champion_before=champion, rule=section.rule,
-                  min_delta=section.min_delta, eval_config_hash=hashes)
-    names = [resolve_metric(m, chal) for m in section.metrics]
-    checks = [MetricCheck(m, _get(chal, m, challenger), chal.get(metric_key(m + "_low")),
-                          chal.get(metric_key(m + "_high"))) for m in names]
+                  min_delta=section.min_delta, eval_config_hash=hashes, absent=chal_absent)
+    checks = []
+    for m in section.metrics:
+        why = metric_absence(m, chal_absent) or (metric_absence(m, champ_absent) if champ is not None else None)
+        if why is not None:
+            checks.append(MetricCheck(m, None, None, None, absent=why))
+            continue
+        m = resolve_metric(m, chal)
+        checks.append(MetricCheck(m, _get(chal, m, challenger), chal.get(metric_key(m + "_low")),
+                                  chal.get(metric_key(m + "_high"))))
+    measured = [c for c in checks if c.absent is None]
+    skipped = [c.metric for c in checks if c.absent is not None]
+    note = f"; not measured, so not judged: {', '.join(skipped)}" if skipped else ""
+    if not measured:
+        why = f"no metric of promote.metrics was measured ({'; '.join(c.absent for c in checks)})"
+        if force:
+            return Decision("forced", True, f"forced by a person although {why}", checks=checks, **common)
+        return Decision("refused", False, why, checks=checks, **common)
     if champion is None or champ is None:
-        return Decision("first", True, "no champion yet: the first model becomes champion", checks=checks, **common)
+        return Decision("first", True, "no champion yet: the first model becomes champion" + note,
+                        checks=checks, **common)
     if champion == challenger:
         return Decision("unchanged", False, f"version {challenger} is already champion", checks=checks, **common)
-    for c in checks:
+    for c in measured:
         c.champion = _get(champ, c.metric, champion)
         c.champion_low = champ.get(metric_key(c.metric + "_low"))
         c.champion_high = champ.get(metric_key(c.metric + "_high"))
@@ -201,10 +251,11 @@ def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion
         if force:
             return Decision("forced", True, f"forced by a person although {why}", checks=checks, **common)
         return Decision("refused", False, why, checks=checks, **common)
-    failed = [c.metric for c in checks if not c.passed]
+    failed = [c.metric for c in measured if not c.passed]
     if force:
         why = f"forced by a person ({'rule passed' if not failed else 'rule failed on ' + ', '.join(failed)})"
-        return Decision("forced", True, why, checks=checks, **common)
+        return Decision("forced", True, why + note, checks=checks, **common)
     if failed:
-        return Decision("kept", False, f"{section.rule} failed on {', '.join(failed)}", checks=checks, **common)
-    return Decision("promoted", True, f"{section.rule} passed on every metric", checks=checks, **common)
+        return Decision("kept", False, f"{section.rule} failed on {', '.join(failed)}{note}", checks=checks, **common)
+    return Decision("promoted", True, f"{section.rule} passed on every measured metric{note}" if note else
+                    f"{section.rule} passed on every metric", checks=checks, **common)

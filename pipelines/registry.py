@@ -28,7 +28,9 @@ Lifecycle (aliases, not the deprecated stages):
    run metric (``@`` -> ``_at_``: MLflow names allow no ``@``) and the json as
    an artifact; the new version gets the lineage tags (git commit, ``data.dvc``
    md5, params hash, GX summary), the evaluation hash and the promotion
-   metrics with their intervals as tags, and the alias ``challenger``. With
+   metrics with their intervals as tags, an ``absent.<section>`` tag with
+   the reason for each section ``metrics.json`` records as not measured
+   (``traits`` on real data), and the alias ``challenger``. With
    ``register.auto_promote`` it then runs the gate (2) and writes
    ``reports/promotion.json``.
 2. ``g2p promote``: compares ``challenger`` with ``champion`` on
@@ -61,10 +63,12 @@ from typing import Any
 
 from g2p.config import ConfigError, _build
 from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API lives in promotion.py)
-    Decision, MetricCheck, PromoteSection, _get, decide, flatten_metrics, metric_key, resolve_metric,
+    Decision, MetricCheck, PromoteSection, _get, absent_sections, decide, flatten_metrics, metric_absence, metric_key,
+    resolve_metric,
 )
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+ABSENT_TAG = "absent."  # version tag prefix: absent.<metrics.json section> = why it was not measured
 PYFUNC_FILE = Path(__file__).with_name("g2p_pyfunc.py")
 RUNTIME_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas",
                     "pyarrow", "pillow", "pyyaml", "tqdm", "pydantic", "mlflow")
@@ -269,7 +273,10 @@ def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: 
     tags["g2p.run_id"] = run_id
     tags["g2p.g2p_sha256"] = str(info.get("g2p_sha256"))
     keyed = {metric_key(k): v for k, v in flat.items()}
-    for m in (resolve_metric(m, keyed) for m in promote.metrics):
+    absent = absent_sections(metrics)
+    for path, reason in absent.items():
+        tags[f"{ABSENT_TAG}{path}"] = reason[:4000]
+    for m in (resolve_metric(m, keyed) for m in promote.metrics if metric_absence(m, absent) is None):
         for suffix in ("", "_low", "_high"):
             if m + suffix in flat:
                 tags[f"metric.{metric_key(m + suffix)}"] = repr(flat[m + suffix])
@@ -303,8 +310,10 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
     metrics = json.loads(metrics_path.read_text())
     flat = flatten_metrics(metrics)
     keyed = {metric_key(k): v for k, v in flat.items()}
-    for m in promote_section.metrics:  # fail before logging anything
-        _get(keyed, resolve_metric(m, keyed), "being registered")
+    absent = absent_sections(metrics)
+    for m in promote_section.metrics:  # fail before logging anything (a metric recorded absent is the gate's n/a)
+        if metric_absence(m, absent) is None:
+            _get(keyed, resolve_metric(m, keyed), "being registered")
     uri = tracking.tracking_uri(root)
     client = _client(uri)
     lineage = tracking.lineage_tags(root)
@@ -351,7 +360,8 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
             desc = (f"Registered by the `register` stage from git {str(info['git_commit'])[:12]}"
                     f"{' (dirty)' if info['git_dirty'] == 'true' else ''}, data {info['data_version']}, "
                     f"params {str(info['params_hash'])[:12]}; judge {info['judge']}; "
-                    f"eval_config_hash {str(info['eval_config_hash'])[:12]}.")
+                    f"eval_config_hash {str(info['eval_config_hash'])[:12]}."
+                    + "".join(f" Not measured: {p} ({r})." for p, r in absent.items()))
             client.update_model_version(section.model_name, version, description=desc)
             mlflow.set_tag("g2p.registered_version", version)
     if progress:
@@ -372,6 +382,11 @@ def _version_metrics(client: Any, mv: Any) -> dict[str, float]:
             except ValueError:
                 continue
     return flat
+
+
+def _version_absent(mv: Any) -> dict[str, str]:
+    """A version's unmeasured metrics.json sections (its ``absent.<path>`` tags): path -> reason."""
+    return {k[len(ABSENT_TAG):]: v for k, v in (mv.tags or {}).items() if k.startswith(ABSENT_TAG)}
 
 
 def _who() -> str:
@@ -429,7 +444,8 @@ def promote(name: str = "g2pdiffusion", section: PromoteSection | None = None, *
         d = decide(name, str(chal.version), _version_metrics(client, chal), champ_v,
                    _version_metrics(client, champion) if champion else None, section,
                    chal_hash=(chal.tags or {}).get("eval_config_hash"),
-                   champ_hash=(champion.tags or {}).get("eval_config_hash") if champion else None, force=force)
+                   champ_hash=(champion.tags or {}).get("eval_config_hash") if champion else None, force=force,
+                   chal_absent=_version_absent(chal), champ_absent=_version_absent(champion) if champion else None)
         d.by, d.at, d.dry_run = _who(), now, dry_run
     if not dry_run and d.action != "unchanged":
         if d.promote:

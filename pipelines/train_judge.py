@@ -3,8 +3,11 @@
     python -m pipelines.train_judge --stage train_judge --data outputs/prepared/train \\
         --valid outputs/validation/valid.parquet --root data --out models/judge
     python -m pipelines.train_judge --stage train_trait_reader --data outputs/prepared/train \\
-        --valid outputs/validation/valid.parquet --root data \\
-        --ground-truth data/bioscan5m/metadata/synthetic_ground_truth.parquet --out models/trait_reader
+        --valid outputs/validation/valid.parquet --root data --out models/trait_reader
+
+The trait reader's targets are the synthetic ground truth under ``--root``
+(``--ground-truth`` to point elsewhere); a root without it (real BIOSCAN-5M)
+skips the stage with the reason (:func:`skip_trait_reader`).
 
 The same machinery as the generator's stages (:mod:`pipelines.stage`), reused
 rather than copied: a ``TorchTrainer`` whose workers run the core training
@@ -43,10 +46,11 @@ import torch
 
 from g2p.config import G2PConfig
 from g2p.data.dataset import Arrays
+from g2p.data.layout import TRUTH_RELPATH
 from pipelines.ray_train import HooksFactory, RaySection, StageRun, ensure_ray
 
 GRADER_STAGES = ("train_judge", "train_trait_reader")
-DEFAULT_GROUND_TRUTH = "data/bioscan5m/metadata/synthetic_ground_truth.parquet"
+DEFAULT_GROUND_TRUTH = str(Path("data") / TRUTH_RELPATH)
 
 
 # ----------------------------------------------------------------------------
@@ -308,8 +312,11 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
 
     cfg = load_params(params, preset_name=preset_name) if Path(params).exists() else preset(preset_name or "default")
     if stage == "train_trait_reader" and not Path(ground_truth).exists():
-        return skip_trait_reader(out, ground_truth, Path(metrics_dir) / f"{stage}.json",
-                                 Path(plots_dir) / f"{stage}.csv")
+        summary = skip_trait_reader(out, ground_truth, Path(metrics_dir) / f"{stage}.json",
+                                    Path(plots_dir) / f"{stage}.csv")
+        with tracking.start_stage_run(stage, cfg, log_system_metrics=False) as active:  # the run says why too
+            tracking._client(tracking.tracking_uri()).set_tag(active.info.run_id, "g2p.skipped", summary["reason"])
+        return summary
     scaling = load_ray_section(params)
     model_section = "judge" if stage == "train_judge" else "trait_reader"
     # the run name also keys on the training code: a changed model or loop must not "resume" (i.e. reuse)
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="arrays file of the training records (pipelines.prepare)")
     p.add_argument("--valid", default="outputs/validation/valid.parquet", help="validated records (held-out splits)")
     p.add_argument("--root", default="data", help="BIOSCAN-5M-layout root holding the images")
-    p.add_argument("--ground-truth", default=DEFAULT_GROUND_TRUTH)
+    p.add_argument("--ground-truth", default=None,
+                   help=f"synthetic ground truth parquet (default: <root>/{TRUTH_RELPATH}; absent: skip the reader)")
     p.add_argument("--out", required=True, help="the final model folder")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--preset", default=None, help="apply params on top of this preset (tests: tiny)")
@@ -400,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots-dir", default="outputs/plots")
     a = p.parse_args(argv)
     summary = run(a.stage, data=a.data, out=a.out, params=a.params, valid=a.valid, root=a.root,
-                  ground_truth=a.ground_truth, metrics_dir=a.metrics_dir, plots_dir=a.plots_dir,
+                  ground_truth=a.ground_truth or str(Path(a.root) / TRUTH_RELPATH),
+                  metrics_dir=a.metrics_dir, plots_dir=a.plots_dir,
                   preset_name=a.preset, storage_path=a.storage_path)
     print(json.dumps(summary))
     return 0

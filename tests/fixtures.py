@@ -56,6 +56,43 @@ def build_root(root: Path, records: pd.DataFrame | None = None, images: bool = T
     return root
 
 
+# Per-species copies in a replicated root (see :func:`replicated_records`).
+SEEN_COPIES = {"train": 4, "val": 1, "test": 1}
+UNSEEN_COPIES = {"key_unseen": 1, "val_unseen": 1, "test_unseen": 1}
+
+
+def replicated_records() -> pd.DataFrame:
+    """The 25 real records, the 4 species-labelled ones copied into every split the pipeline reads.
+
+    Why: the sample holds 3 ``train`` records, 1 ``test`` and no ``val`` or
+    unseen splits, too few for the pipeline (the judge's retrieval reads
+    ``val``, ``test``, ``key_unseen`` and ``test_unseen``). Every copy is a real
+    record (barcode, taxonomy, place unchanged) under a distinct processid
+    ``<processid>-<split><i>`` and the chunk its new split derives. The
+    labelled species, sorted, alternate seen (copies :data:`SEEN_COPIES`) and
+    unseen (:data:`UNSEEN_COPIES`), so seen and unseen species are disjoint as
+    in BIOSCAN-5M. The first ``train`` copy of each seen species and the
+    ``test`` copy of the first seen species have their coordinates blanked,
+    as many real BIOSCAN-5M records have none. The 21 unlabelled ``pretrain``
+    records are kept as they are.
+    """
+    df = sample_records()
+    labelled = df[df["species"] != ""].sort_values("species").reset_index(drop=True)
+    rows = [df[df["species"] == ""]]
+    for i, rec in labelled.iterrows():
+        copies = SEEN_COPIES if i % 2 == 0 else UNSEEN_COPIES
+        for split, n in copies.items():
+            for j in range(n):
+                pid = f"{rec['processid']}-{split}{j}"
+                r = rec.copy()
+                r["processid"], r["split"], r["chunk"] = pid, split, chunk_for(pid, split)
+                r["index_bioscan_1M_insect"] = ""  # a copy is not the 1M dataset's record
+                if (split == "train" and j == 0) or (split == "test" and i == 0):
+                    r["coord-lat"] = r["coord-lon"] = ""
+                rows.append(r.to_frame().T)
+    return pd.concat(rows, ignore_index=True)[list(COLUMNS)]
+
+
 @pytest.fixture(scope="session")
 def bioscan_sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only root in the BIOSCAN-5M layout holding the 25 real records and images."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from g2p.config import ConfigError
-from pipelines.promotion import PromoteSection, decide, flatten_metrics, metric_key, resolve_metric
+from pipelines.promotion import (
+    PromoteSection, absent_sections, decide, flatten_metrics, metric_absence, metric_key, resolve_metric,
+)
 from pipelines.registry import RegisterSection, load_sections
 
 M = ("seen.g2pdiffusion.success@10", "unseen.g2pdiffusion.success@10")
@@ -111,3 +113,39 @@ def test_kmax_takes_the_largest_evaluated_k() -> None:
     section = PromoteSection(metrics=("seen.g2pdiffusion.success@kmax",), rule="not_worse_point")
     d = decide("g2pdiffusion", "2", chal, "1", chal, section, chal_hash="h", champ_hash="h")
     assert [c.metric for c in d.checks] == ["seen.g2pdiffusion.success@10"] and d.promote
+
+
+def test_absent_truth_metrics_are_n_a_with_their_reason() -> None:
+    """Real data: metrics.json records ``traits: {"absent": why}``; a gate metric there is n/a, not a crash."""
+    why = "no synthetic ground truth at data/x.parquet"
+    metrics = {"seen": {"g2pdiffusion": {"success@10": 0.5}}, "traits": {"absent": why},
+               "variation": {"deep": {"absent": "no reader"}, "score": 1.0}}
+    absent = absent_sections(metrics)
+    assert absent == {"traits": why, "variation.deep": "no reader"}
+    assert metric_absence("traits.seen.g2pdiffusion.mean_normalised_error", absent) == f"traits absent: {why}"
+    assert metric_absence("traitsx.a", absent) is None
+    assert metric_absence("seen.g2pdiffusion.success@10", absent) is None
+
+    trait = "traits.seen.g2pdiffusion.mean_normalised_error"
+    section = PromoteSection(metrics=("seen.g2pdiffusion.success@10", trait), rule="not_worse_point")
+    chal = {metric_key(k): v for k, v in flatten_metrics(metrics).items()}
+    d = decide("g2pdiffusion", "1", chal, None, None, section, chal_absent=absent)
+    assert d.action == "first" and d.absent == absent and "not measured, so not judged: " + trait in d.reason
+    assert d.checks[1].passed is None and why in d.checks[1].text() and "n/a" in d.checks[1].text()
+    assert f"not measured: traits ({why})" in d.text()
+    # against a champion: judged on the measured metric only, and the decision says so
+    d = decide("g2pdiffusion", "2", chal, "1", chal, section, chal_hash="h", champ_hash="h",
+               chal_absent=absent, champ_absent=absent)
+    assert d.action == "promoted" and trait in d.reason and [c.passed for c in d.checks] == [True, None]
+    # absent for the champion only: still n/a (cannot be compared)
+    d = decide("g2pdiffusion", "2", {**chal, metric_key(trait): 0.3}, "1", chal, section, chal_hash="h",
+               champ_hash="h", champ_absent=absent)
+    assert d.checks[1].absent == f"traits absent: {why}"
+    # nothing measured: nothing to decide on
+    only = PromoteSection(metrics=(trait,))
+    d = decide("g2pdiffusion", "1", chal, None, None, only, chal_absent=absent)
+    assert (d.action, d.promote) == ("refused", False) and why in d.reason
+    assert decide("g2pdiffusion", "1", chal, None, None, only, chal_absent=absent, force=True).promote
+    # a metric that is simply missing (not recorded absent) is still an error naming it
+    with pytest.raises(ValueError, match=f"{trait}.*not found"):
+        decide("g2pdiffusion", "1", chal, None, None, only)

@@ -12,56 +12,30 @@ re-runs no training stage.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.tiny_pipeline import TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner",
-                "train_judge", "train_trait_reader")
-
-
-def run(*cmd: str, cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}"
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     repo.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PYTHONPATH": str(repo)}
-    env.pop("G2P_PIPELINE_RUN_ID", None)
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    for name in ("g2p", "pipelines"):
-        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load(run("g2p", "config", "dump", "--preset", "tiny", cwd=repo, env=env))
-    for stage in TRAIN_STAGES:
-        params[stage].update(steps=4, log_every=1, checkpoint_every=2, batch_size=4)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("g2p", "data", "synth", "--preset", "tiny", "--out", "data", "--quiet", cwd=repo, env=env)
-    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "t@example.org"),
-                ("git", "config", "user.name", "t"), ("dvc", "init", "-q"), ("dvc", "add", "-q", "data"),
-                ("git", "add", "-A"), ("git", "commit", "-qm", "tiny pipeline")):
-        run(*cmd, cwd=repo, env=env)
-    return repo, env
+
+    def synth(repo: Path, env: dict[str, str]) -> None:
+        run("g2p", "data", "synth", "--preset", "tiny", "--out", "data", "--quiet", cwd=repo, env=env)
+
+    return repo, make_tiny_repo(repo, synth)
 
 
 def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[str, str]]) -> None:
     repo, env = pipeline_repo
-    env = {**env, "G2P_PIPELINE_RUN_ID": run(sys.executable, "-m", "pipelines.tracking", "begin",
-                                             cwd=repo, env=env).strip()}
+    env = begin_pipeline_run(repo, env)
     run("dvc", "repro", cwd=repo, env=env)
 
     # the final model is a diffusers pipeline folder that loads and samples
@@ -107,9 +81,7 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     from mlflow import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parent = env["G2P_PIPELINE_RUN_ID"]
-    runs = {r.data.tags["g2p.stage"]: r for r in client.search_runs(
-        [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    runs = stage_runs(env)
     assert set(runs) == {*TRAIN_STAGES, "evaluate", "register"}
     for stage in TRAIN_STAGES:
         r = runs[stage]
