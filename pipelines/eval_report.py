@@ -171,7 +171,7 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
                   f"same species for {100 * s['nearest_neighbour']['same_species_share']:.1f}% of barcodes.", "",
                   markdown_table(results, split, ks), ""]
         if f"samples_{split}" in figs:
-            parts += [f"Samples (per row: ground truth, nearest neighbour, random, no aligner x2, G2PDiffusion x2):",
+            parts += ["Samples (per row: ground truth, nearest neighbour, random, no aligner x2, G2PDiffusion x2):",
                       "", f"![samples {split}](figures/{figs[f'samples_{split}'].name})", ""]
     parts += [f"![top-k](figures/{figs['topk'].name})", ""]
     if "absent" in results.get("traits", {}):

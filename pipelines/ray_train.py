@@ -179,20 +179,34 @@ STAGE_COLUMNS = {
 LATENT_STAGES = ("train_base", "train_diffusion", "train_aligner")
 
 
-def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+def _tail_rows(stage: str, cfg: G2PConfig) -> int:
+    """Rows each rank takes from the stream after its steps: the latent-scale sample, the negative bank."""
+    from g2p.train.stages import VAE_SCALE_SAMPLE
+
+    if stage == "train_vae":
+        return VAE_SCALE_SAMPLE
+    if stage == "train_aligner":
+        return max(0, cfg.sampling.negative_bank_size)
+    return 0
+
+
+def _stage_input(stage: str, data: str | Path, scaling: RaySection, cfg: G2PConfig) -> tuple[dict[str, Any], Any]:
     """(the worker's view of ``data``, the Ray datasets to stream) for a sharded dataset, else in-memory.
 
     A pass over a Ray dataset costs a second or more to start (the split
     coordinator, the read tasks), which a small data set of a few steps per
-    epoch would pay at every epoch. So one *pass* holds ``repeats`` copies of
-    the data, enough rows for the whole stage (capped at 64): BIOSCAN-size
-    data is a single copy, the embedded default a few. Block order is
-    randomised over the whole pass, and every pass again.
+    epoch would pay at every epoch. So a small one (up to
+    ``shards.SMALL_BYTES``) is read once and one *pass* holds ``repeats``
+    references to it, enough rows for the whole stage (capped at 64); a large
+    one (BIOSCAN size) streams one epoch a pass. Block order is randomised
+    over the whole pass, and every pass again. The rows a stage takes after
+    its steps (:func:`_tail_rows`) count too.
     """
     import ray.data
 
     from pipelines import shards
 
+    tcfg: TrainConfig = getattr(cfg, stage)
     if not shards.is_shards(data):
         return {"data": str(Path(data).resolve()), "manifest": None}, None
     m = shards.read_manifest(data)
@@ -206,8 +220,12 @@ def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainC
         raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
                           f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
-    need = tcfg.steps * tcfg.batch_size
+    need = tcfg.steps * tcfg.batch_size + _tail_rows(stage, cfg) * scaling.num_workers
     repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
+    per_row = shards.row_bytes(m.get("image_size") if stage == "train_vae" else None,
+                               (m.get("latent") or {}).get("shape") if stage in LATENT_STAGES else None)
+    if m["rows"] * per_row > shards.SMALL_BYTES:
+        repeats = 1  # a large data set streams one epoch a pass (see shards.ray_dataset)
     ds = shards.ray_dataset(data, STAGE_COLUMNS[stage], repeats=repeats)
     return {"data": None, "manifest": {**m, "rows": m["rows"] * repeats, "repeats": repeats}}, {"train": ds}
 
@@ -257,7 +275,7 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     ensure_ray()
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
-    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage))
+    view, datasets = _stage_input(stage, data, scaling, cfg)
     if view["manifest"] is not None and stage in LATENT_STAGES and init_model:
         from g2p.model import G2PDiffusion
 

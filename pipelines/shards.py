@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 META_COLUMNS = ["processid", "species", "barcode", "lat", "lon", "has_place"]
 TARGET_FILE_BYTES = 128 << 20  # a Parquet file of about 128 MB
 TARGET_BLOCK_BYTES = 32 << 20  # a Ray Data block of about 32 MB
+SMALL_BYTES = 512 << 20  # a data set this small may be held in the object store (see ray_dataset)
 
 
 class ShardsError(ValueError):
@@ -193,8 +194,12 @@ def ray_dataset(folder: str | Path, columns: Sequence[str] | None = None, *, shu
                 repeats: int = 1) -> Any:
     """The dataset as a Ray ``Dataset``, streamed; ``shuffle``: block order randomised at each pass.
 
-    ``repeats`` > 1 concatenates that many copies (each read as it streams;
-    nothing is held): a pass then covers several epochs.
+    ``repeats`` > 1 makes one pass cover that many epochs, for a data set of
+    at most SMALL_BYTES only: it is read once into the object store
+    (``materialize``) and its blocks are referenced ``repeats`` times (copies
+    read separately would each start their own read chain). Larger data sets
+    stream as they are, one epoch a pass, where a pass's start-up is small
+    beside the epoch.
     """
     import ray.data
 
@@ -206,7 +211,8 @@ def ray_dataset(folder: str | Path, columns: Sequence[str] | None = None, *, shu
                         (m.get("latent") or {}).get("shape") if "latent" in (columns or ["latent"]) else None)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None,
                                override_num_blocks=num_blocks(m["rows"], per_row, cluster_cpus()))
-    if repeats > 1:
+    if repeats > 1 and m["rows"] * per_row <= SMALL_BYTES:
+        ds = ds.materialize()
         ds = ds.union(*[ds] * (repeats - 1))
     return ds.randomize_block_order() if shuffle else ds
 

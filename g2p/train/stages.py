@@ -45,6 +45,7 @@ from g2p.models.vae import encode, estimate_scaling_factor, vae_loss
 from g2p.train.loop import FitState, Hooks, cycle, fit
 
 Wrap = Callable[[nn.Module], nn.Module]
+VAE_SCALE_SAMPLE = 256  # images the latent scale is measured on after train_vae
 
 
 @dataclass(frozen=True)
@@ -236,9 +237,9 @@ def train_vae(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, shard: Shard
     model.vae.eval()
     if state.step >= cfg.steps:
         if isinstance(data, Arrays):  # the first 256 records, as before streaming
-            images = data.images[:256]
+            images = data.images[:VAE_SCALE_SAMPLE]
         else:  # the next batches of the stream: a random sample of the training images
-            images = _take(batches, "image", 256)
+            images = _take(batches, "image", VAE_SCALE_SAMPLE)
         with torch.no_grad():
             x = to_unit_range(images).to(model.device)
             model.set_vae_scaling_factor(1.0)
