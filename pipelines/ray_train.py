@@ -170,15 +170,33 @@ STAGE_COLUMNS = {
 LATENT_STAGES = ("train_base", "train_diffusion", "train_aligner")
 
 
-def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig) -> tuple[dict[str, Any], Any]:
+# Rows each rank takes from the stream after its steps (g2p.train.stages): train_vae's sample for the
+# latent scale (``_take(batches, "image", 256)``), train_aligner's negative bank (its size).
+VAE_SCALE_SAMPLE = 256
+
+
+def _tail_rows(stage: str, cfg: G2PConfig) -> int:
+    if stage == "train_vae":
+        return VAE_SCALE_SAMPLE
+    if stage == "train_aligner":
+        return max(0, cfg.sampling.negative_bank_size)
+    return 0
+
+
+def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig,
+                 tail_rows: int = 0) -> tuple[dict[str, Any], Any]:
     """(the worker's view of ``data``, the Ray datasets to stream) for a sharded dataset, else in-memory.
 
     A pass over a Ray dataset costs a second or more to start (the split
     coordinator, the read tasks), which a small data set of a few steps per
     epoch would pay at every epoch. So one *pass* holds ``repeats`` copies of
     the data, enough rows for the whole stage (capped at 64): BIOSCAN-size
-    data is a single copy, the embedded default a few. Block order is
-    randomised over the whole pass, and every pass again.
+    data is a single copy, the embedded default a few. The whole stage
+    includes the ``tail_rows`` every rank takes after its steps (the VAE's
+    latent-scale sample, the aligner's negative bank): counted out, the tiny
+    train_vae ran a new pass, i.e. a new Ray Data execution, for every 25
+    rows of its 256-row sample. Block order is randomised over the whole
+    pass, and every pass again.
     """
     import ray.data
 
@@ -197,7 +215,7 @@ def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainC
         raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
                           f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
-    need = tcfg.steps * tcfg.batch_size
+    need = tcfg.steps * tcfg.batch_size + (tail_rows + tcfg.batch_size) * scaling.num_workers * bool(tail_rows)
     repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
     ds = shards.ray_dataset(data, STAGE_COLUMNS[stage], repeats=repeats)
     return {"data": None, "manifest": {**m, "rows": m["rows"] * repeats, "repeats": repeats}}, {"train": ds}
@@ -248,7 +266,7 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     ensure_ray()
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
-    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage))
+    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage), _tail_rows(stage, cfg))
     worker_cfg = {
         "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
         "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
