@@ -183,20 +183,15 @@ def _tail_rows(stage: str, cfg: G2PConfig) -> int:
     return 0
 
 
-def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig,
-                 tail_rows: int = 0) -> tuple[dict[str, Any], Any]:
+def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainConfig) -> tuple[dict[str, Any], Any]:
     """(the worker's view of ``data``, the Ray datasets to stream) for a sharded dataset, else in-memory.
 
     A pass over a Ray dataset costs a second or more to start (the split
     coordinator, the read tasks), which a small data set of a few steps per
     epoch would pay at every epoch. So one *pass* holds ``repeats`` copies of
     the data, enough rows for the whole stage (capped at 64): BIOSCAN-size
-    data is a single copy, the embedded default a few. The whole stage
-    includes the ``tail_rows`` every rank takes after its steps (the VAE's
-    latent-scale sample, the aligner's negative bank): counted out, the tiny
-    train_vae ran a new pass, i.e. a new Ray Data execution, for every 25
-    rows of its 256-row sample. Block order is randomised over the whole
-    pass, and every pass again.
+    data is a single copy, the embedded default a few. Block order is
+    randomised over the whole pass, and every pass again.
     """
     import ray.data
 
@@ -215,7 +210,7 @@ def _stage_input(stage: str, data: str | Path, scaling: RaySection, tcfg: TrainC
         raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
                           f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
-    need = tcfg.steps * tcfg.batch_size + (tail_rows + tcfg.batch_size) * scaling.num_workers * bool(tail_rows)
+    need = tcfg.steps * tcfg.batch_size
     repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
     ds = shards.ray_dataset(data, STAGE_COLUMNS[stage], repeats=repeats)
     return {"data": None, "manifest": {**m, "rows": m["rows"] * repeats, "repeats": repeats}}, {"train": ds}
@@ -266,11 +261,11 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     ensure_ray()
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
-    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage), _tail_rows(stage, cfg))
+    view, datasets = _stage_input(stage, data, scaling, getattr(cfg, stage))
     worker_cfg = {
         "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
         "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
-        "log_path": log_path, "hooks_factory": hooks_factory,
+        "log_path": log_path, "hooks_factory": hooks_factory, "tail_rows": _tail_rows(stage, cfg),
     }
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -514,12 +509,20 @@ def _quiet_reports() -> None:
 
 
 def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, rank: int, world: int,
-                      start_step: int) -> Any:
+                      start_step: int, tail_rows: int = 0) -> Any:
     """Endless training batches from this worker's Ray Data shard, reshuffled every epoch.
 
     Block order is randomised by the dataset at each epoch; rows are mixed
     within a local buffer (seeded by seed, rank, epoch and the resume step).
+
+    After the stage's steps it takes ``tail_rows`` more rows (:func:`_tail_rows`);
+    when the pass ends first (a small data set) they repeat the latest
+    ``tail_rows`` rows instead of starting a new pass: "at least min(n, one
+    epoch) rows" (``g2p.train.stages._take``), and a new Ray Data execution
+    per epoch of the sample cost the tiny train_vae minutes on a loaded cluster.
     """
+    import itertools
+    from collections import deque
     from functools import partial
 
     import ray.train
@@ -536,7 +539,8 @@ def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, r
     buffer = max(per_rank, min(rows_per_rank, 4 * per_rank + 1000, (256 << 20) // per_row))
     drop_last = rows_per_rank >= per_rank  # fewer rows than one batch: one smaller batch per epoch
     collate = partial(shards.collate, manifest=manifest)
-    epoch = 0
+    epoch, trained, to_train = 0, 0, max(0, tcfg.steps - start_step)  # fit() takes one batch per step
+    recent: deque = deque()  # the latest batches holding >= tail_rows rows
     while True:
         n = 0
         for batch in shard.iter_torch_batches(batch_size=per_rank, drop_last=drop_last, collate_fn=collate,
@@ -544,11 +548,19 @@ def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, r
                                               local_shuffle_seed=(tcfg.seed * 1_000_003 + start_step) * 1009
                                               + epoch * 31 + rank):
             n += 1
+            trained += 1
+            if tail_rows:
+                recent.append(batch)
+                while len(recent) > 1 and sum(len(next(iter(b.values()))) for b in recent) - \
+                        len(next(iter(recent[0].values()))) >= tail_rows:
+                    recent.popleft()
             yield batch
         if n == 0:
             raise ValueError(f"{stage}: worker {rank} got no batch in epoch {epoch} "
                              f"({manifest['rows']} rows over {world} workers)")
         epoch += 1
+        if tail_rows and trained >= to_train:  # the steps are done: the tail replays, no new pass
+            yield from itertools.cycle(list(recent))
 
 
 def _check_latents(model: Any, manifest: dict[str, Any]) -> None:
@@ -612,7 +624,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if manifest is not None:
         if stage in LATENT_STAGES:
             _check_latents(model, manifest)
-        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0)
+        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0,
+                                      config.get("tail_rows", 0))
     else:
         needs_images = stage != "pretrain_conditioner"
         data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
