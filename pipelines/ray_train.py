@@ -282,7 +282,12 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    try:
+        result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    except Exception as e:  # Ray's errors name a worker, rarely the storage: say which run (and store) failed
+        e.add_note(f"{stage}: the Ray Train run at {st.join(storage, run_name)} failed (its checkpoints and "
+                   f"step log live there; the same run name resumes from the last checkpoint)")
+        raise
     seconds = time.perf_counter() - t0
     ckpt = result.checkpoint  # on local storage the persisted folder itself, else a downloaded copy
     if ckpt is None:
