@@ -13,8 +13,12 @@ Then, on the same cluster and data: a training worker SIGKILLed mid-stage (Ray T
 group from the last checkpoint), and the S3 store stopped mid-stage (the stage fails naming the
 storage URI; after a restart of the store a rerun resumes from the last checkpoint).
 
-Runtime on the shared 2-core machine (load 12-17): see the report in the commit message / README;
-every Ray driver start and every Ray Data / Train worker start costs seconds here.
+Runtime on the shared 2-core machine (load 12-90, measured 2026-12-02): far over the 6 minutes
+hoped for. Services (S3, MLflow, cluster) 60 s (146 s when the head missed Ray's 30 s registration
+deadline once), then per command: prepare 99 s, pretrain_conditioner 98 s, train_vae 237 s,
+encode_latents 268 s, train_base 139 s, train_diffusion 156 s, train_aligner 420 s (with its sample
+grid): the pipeline test ~25 min. Nearly all of it is process start-up under load (each driver
+joins the cluster, each Ray Data / Train actor imports torch), not the 4 steps per stage.
 """
 
 from __future__ import annotations
