@@ -19,7 +19,10 @@ Where the files go: beside each group's ``manifest.json`` under ``--out``
 (local ``ray.storage_path``, the laptop case), or, when
 ``ray.storage_path`` is an object-store URI, under
 ``<storage_path>/prepared/<key>/<group>`` with the manifest under ``--out``
-(what DVC tracks), so workers on other nodes read the shards from the store.
+(what DVC tracks), so workers on other nodes read the shards from the store;
+``valid.parquet`` is then copied to ``<storage_path>/prepared/_inputs/<key>/``
+first, as Ray Data's read tasks run on any node and must not open a path on
+the driver's disk.
 ``--root`` may be a URI too (images in object storage). Order is preserved:
 the same inputs give the same files.
 """
@@ -102,6 +105,7 @@ def _clear(path: str) -> None:
 def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: int,
             storage_path: str = "outputs/ray", progress: bool = True) -> dict[str, Any]:
     """Write ``out/<group>/`` (a sharded dataset) for every split group; a summary."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray.data
 
@@ -131,7 +135,18 @@ def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: in
     out.mkdir(parents=True)
     _clear(base)
     fs, target = storage.filesystem(base)
-    ds = ray.data.read_parquet(str(valid.resolve()), columns=columns, override_num_blocks=blocks)
+    source, source_fs = str(valid.resolve()), None
+    if shards.remote(storage_path):  # read tasks run on any node: they read the records from the store too
+        source = storage.join(storage_path, "prepared", "_inputs", key, "valid.parquet")
+        source_fs, path = storage.filesystem(source)
+        try:
+            source_fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(valid.resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=source_fs)
+        except OSError as e:
+            raise storage.StorageError(f"{source}: uploading {valid} failed: storage unreachable ({e})") from None
+        source = path
+    ds = ray.data.read_parquet(source, filesystem=source_fs, columns=columns, override_num_blocks=blocks)
     decoded = ds.map_batches(_rows, batch_format="pandas", batch_size=max(16, -(-n // blocks)),
                              fn_kwargs={"root": storage.resolve(root), "size": image_size})
     try:

@@ -27,6 +27,10 @@ PASSTHROUGH_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    # The GCS the driver joined (host:port only, see runtime_env): without it a worker's state-API
+    # call (Train V2's placement-group cleaner) guesses the cluster and, on a machine running more
+    # than one Ray instance, fails with "Found multiple active Ray instances".
+    "RAY_ADDRESS",
 )
 # gitignore-style patterns Ray leaves out of the uploaded packages.
 EXCLUDES = ["__pycache__", "*.pyc", "*.pyo"]
@@ -54,6 +58,8 @@ def runtime_env() -> dict[str, Any]:
     and the workers' environment variables that are set here."""
     env: dict[str, Any] = {"py_modules": package_dirs(), "excludes": list(EXCLUDES)}
     env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
+    if "://" in env_vars.get("RAY_ADDRESS", "://") or env_vars.get("RAY_ADDRESS") == "auto":
+        env_vars.pop("RAY_ADDRESS", None)  # a Ray Client address or "auto" means nothing inside the cluster
     if env_vars:
         env["env_vars"] = env_vars
     return env

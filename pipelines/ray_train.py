@@ -284,7 +284,7 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     worker_cfg = {
         "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
         "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
-        "log_path": log_path, "hooks_factory": hooks_factory,
+        "log_path": log_path, "hooks_factory": hooks_factory, "tail_rows": _tail_rows(stage, cfg),
     }
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -301,7 +301,12 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    try:
+        result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    except Exception as e:  # Ray's errors name a worker, rarely the storage: say which run (and store) failed
+        e.add_note(f"{stage}: the Ray Train run at {st.join(storage, run_name)} failed (its checkpoints and "
+                   f"step log live there; the same run name resumes from the last checkpoint)")
+        raise
     seconds = time.perf_counter() - t0
     ckpt = result.checkpoint  # on local storage the persisted folder itself, else a downloaded copy
     if ckpt is None:
@@ -528,12 +533,20 @@ def _quiet_reports() -> None:
 
 
 def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, rank: int, world: int,
-                      start_step: int) -> Any:
+                      start_step: int, tail_rows: int = 0) -> Any:
     """Endless training batches from this worker's Ray Data shard, reshuffled every epoch.
 
     Block order is randomised by the dataset at each epoch; rows are mixed
     within a local buffer (seeded by seed, rank, epoch and the resume step).
+
+    After the stage's steps it takes ``tail_rows`` more rows (:func:`_tail_rows`);
+    when the pass ends first (a small data set) they repeat the latest
+    ``tail_rows`` rows instead of starting a new pass: "at least min(n, one
+    epoch) rows" (``g2p.train.stages._take``), and a new Ray Data execution
+    per epoch of the sample cost the tiny train_vae minutes on a loaded cluster.
     """
+    import itertools
+    from collections import deque
     from functools import partial
 
     import ray.train
@@ -550,7 +563,8 @@ def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, r
     buffer = max(per_rank, min(rows_per_rank, 4 * per_rank + 1000, (256 << 20) // per_row))
     drop_last = rows_per_rank >= per_rank  # fewer rows than one batch: one smaller batch per epoch
     collate = partial(shards.collate, manifest=manifest)
-    epoch = 0
+    epoch, trained, to_train = 0, 0, max(0, tcfg.steps - start_step)  # fit() takes one batch per step
+    recent: deque = deque()  # the latest batches holding >= tail_rows rows
     while True:
         n = 0
         for batch in shard.iter_torch_batches(batch_size=per_rank, drop_last=drop_last, collate_fn=collate,
@@ -558,11 +572,19 @@ def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, r
                                               local_shuffle_seed=(tcfg.seed * 1_000_003 + start_step) * 1009
                                               + epoch * 31 + rank):
             n += 1
+            trained += 1
+            if tail_rows:
+                recent.append(batch)
+                while len(recent) > 1 and sum(len(next(iter(b.values()))) for b in recent) - \
+                        len(next(iter(recent[0].values()))) >= tail_rows:
+                    recent.popleft()
             yield batch
         if n == 0:
             raise ValueError(f"{stage}: worker {rank} got no batch in epoch {epoch} "
                              f"({manifest['rows']} rows over {world} workers)")
         epoch += 1
+        if tail_rows and trained >= to_train:  # the steps are done: the tail replays, no new pass
+            yield from itertools.cycle(list(recent))
 
 
 def _check_latents(model: Any, manifest: dict[str, Any]) -> None:
@@ -624,7 +646,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # 2. data: this worker's Ray Data shard (streamed), or every worker loads the same small file
     manifest, latents = config["manifest"], None
     if manifest is not None:
-        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0)
+        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0,
+                                      config.get("tail_rows", 0))
     else:
         needs_images = stage != "pretrain_conditioner"
         data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
