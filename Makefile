@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # first and runs `make install TORCH_SPEC=` (empty: keep what is there).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test bench check-bioscan-package clean-outputs
+.PHONY: install run test test-cluster bench check-bioscan-package clean-outputs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ test: install $(BROWSER)
 # (torchvision does not install beside the CPU torch wheel): slow the first time.
 check-bioscan-package: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m bioscan_package tests/integration/test_bioscan_package.py
+
+# The pipeline on a two-node Ray cluster (ray start processes) with a SeaweedFS S3 store and an
+# MLflow server over HTTP, a killed worker and an S3 outage: tens of minutes, outside `make test`.
+test-cluster: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m cluster tests/integration/test_cluster_pipeline.py
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m benchmarks

@@ -40,7 +40,9 @@ import yaml
 from tests.raycluster import RayCluster
 from tests.s3store import S3Store, free_ports
 
-pytestmark = pytest.mark.integration
+# Not in `make test`'s 20-minute budget: `make test-cluster` runs it (the kill and outage tests have
+# not yet been seen to pass; see the module docstring and the README).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 STAGE_STEPS = 4  # per stage in the pipeline test
