@@ -52,6 +52,7 @@ from torch import nn
 from g2p.config import ConfigError, G2PConfig, TrainConfig, _build
 from g2p.data.dataset import Arrays
 from g2p.train.loop import FitState, Hooks
+from pipelines import stream
 
 STAGES = ("pretrain_conditioner", "train_vae", "train_base", "train_diffusion", "train_aligner")
 HooksFactory = Callable[[int, int], Hooks]  # (rank, world_size) -> Hooks, called inside each worker
@@ -168,68 +169,6 @@ class StageRun:
         return read_log(self.log_path)
 
 
-# Which columns of a sharded dataset each stage reads (the MLM never reads image bytes).
-STAGE_COLUMNS = {
-    "pretrain_conditioner": ["barcode", "lat", "lon", "has_place"],
-    "train_vae": ["image"],
-    "train_base": ["latent"],
-    "train_diffusion": ["barcode", "lat", "lon", "has_place", "latent"],
-    "train_aligner": ["barcode", "lat", "lon", "has_place", "latent"],
-}
-LATENT_STAGES = ("train_base", "train_diffusion", "train_aligner")
-
-
-def _tail_rows(stage: str, cfg: G2PConfig) -> int:
-    """Rows each rank takes from the stream after its steps: the latent-scale sample, the negative bank."""
-    from g2p.train.stages import VAE_SCALE_SAMPLE
-
-    if stage == "train_vae":
-        return VAE_SCALE_SAMPLE
-    if stage == "train_aligner":
-        return max(0, cfg.sampling.negative_bank_size)
-    return 0
-
-
-def _stage_input(stage: str, data: str | Path, scaling: RaySection, cfg: G2PConfig) -> tuple[dict[str, Any], Any]:
-    """(the worker's view of ``data``, the Ray datasets to stream) for a sharded dataset, else in-memory.
-
-    A pass over a Ray dataset costs a second or more to start (the split
-    coordinator, the read tasks), which a small data set of a few steps per
-    epoch would pay at every epoch. So a small one (up to
-    ``shards.SMALL_BYTES``) is read once and one *pass* holds ``repeats``
-    references to it, enough rows for the whole stage (capped at 64); a large
-    one (BIOSCAN size) streams one epoch a pass. Block order is randomised
-    over the whole pass, and every pass again. The rows a stage takes after
-    its steps (:func:`_tail_rows`) count too.
-    """
-    import ray.data
-
-    from pipelines import shards
-
-    tcfg: TrainConfig = getattr(cfg, stage)
-    if not shards.is_shards(data):
-        return {"data": str(Path(data).resolve()), "manifest": None}, None
-    m = shards.read_manifest(data)
-    if stage in LATENT_STAGES and not m.get("latent"):
-        raise shards.ShardsError(f"{data}: {stage} trains on latents; this dataset has none "
-                                 "(encode it with python -m pipelines.latents)")
-    if stage == "train_vae" and not m.get("image_size"):
-        raise shards.ShardsError(f"{data}: train_vae trains on images; this dataset has none")
-    cpus = shards.cluster_cpus()
-    if cpus - scaling.num_workers * scaling.cpus_per_worker < 1:  # else Ray Data's readers wait forever
-        raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
-                          f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
-    need = tcfg.steps * tcfg.batch_size + _tail_rows(stage, cfg) * scaling.num_workers
-    repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
-    per_row = shards.row_bytes(m.get("image_size") if stage == "train_vae" else None,
-                               (m.get("latent") or {}).get("shape") if stage in LATENT_STAGES else None)
-    if m["rows"] * per_row > shards.SMALL_BYTES:
-        repeats = 1  # a large data set streams one epoch a pass (see shards.ray_dataset)
-    ds = shards.ray_dataset(data, STAGE_COLUMNS[stage], repeats=repeats)
-    return {"data": None, "manifest": {**m, "rows": m["rows"] * repeats, "repeats": repeats}}, {"train": ds}
-
-
 def _model_input(init_model: str | Path | None, storage: str, run_name: str) -> str | None:
     """Where workers load the starting model from: its path, or a copy in remote storage (no shared disk)."""
     from pipelines import shards
@@ -275,16 +214,16 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     ensure_ray()
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
-    view, datasets = _stage_input(stage, data, scaling, cfg)
-    if view["manifest"] is not None and stage in LATENT_STAGES and init_model:
+    view, datasets = stream.stage_input(stage, data, scaling, cfg)
+    if view["manifest"] is not None and stage in stream.LATENT_STAGES and init_model:
         from g2p.model import G2PDiffusion
 
         # before any worker starts: a wrong VAE is a data error, not one to retry max_failures times
-        _check_latents(G2PDiffusion.from_pretrained(init_model, cfg=cfg), view["manifest"])
+        stream.check_latents(G2PDiffusion.from_pretrained(init_model, cfg=cfg), view["manifest"])
     worker_cfg = {
         "stage": stage, "cfg": cfg.to_json(), **view, "splits": list(splits),
         "init_model": _model_input(init_model, storage, run_name), "ray": asdict(scaling),
-        "log_path": log_path, "hooks_factory": hooks_factory, "tail_rows": _tail_rows(stage, cfg),
+        "log_path": log_path, "hooks_factory": hooks_factory,
     }
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -532,71 +471,6 @@ def _quiet_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _streamed_batches(stage: str, manifest: dict[str, Any], tcfg: TrainConfig, rank: int, world: int,
-                      start_step: int, tail_rows: int = 0) -> Any:
-    """Endless training batches from this worker's Ray Data shard, reshuffled every epoch.
-
-    Block order is randomised by the dataset at each epoch; rows are mixed
-    within a local buffer (seeded by seed, rank, epoch and the resume step).
-
-    After the stage's steps it takes ``tail_rows`` more rows (:func:`_tail_rows`);
-    when the pass ends first (a small data set) they repeat the latest
-    ``tail_rows`` rows instead of starting a new pass: "at least min(n, one
-    epoch) rows" (``g2p.train.stages._take``), and a new Ray Data execution
-    per epoch of the sample cost the tiny train_vae minutes on a loaded cluster.
-    """
-    import itertools
-    from collections import deque
-    from functools import partial
-
-    import ray.train
-
-    from g2p.train.stages import Shard, per_rank_batch_size
-    from pipelines import shards
-
-    shard = ray.train.get_dataset_shard("train")
-    per_rank = per_rank_batch_size(tcfg, Shard(rank, world))
-    rows_per_rank = manifest["rows"] // world
-    latent = manifest.get("latent") if stage in LATENT_STAGES else None
-    per_row = shards.row_bytes(manifest.get("image_size") if stage == "train_vae" else None,
-                               latent["shape"] if latent else None)
-    buffer = max(per_rank, min(rows_per_rank, 4 * per_rank + 1000, (256 << 20) // per_row))
-    drop_last = rows_per_rank >= per_rank  # fewer rows than one batch: one smaller batch per epoch
-    collate = partial(shards.collate, manifest=manifest)
-    epoch, trained, to_train = 0, 0, max(0, tcfg.steps - start_step)  # fit() takes one batch per step
-    recent: deque = deque()  # the latest batches holding >= tail_rows rows
-    while True:
-        n = 0
-        for batch in shard.iter_torch_batches(batch_size=per_rank, drop_last=drop_last, collate_fn=collate,
-                                              local_shuffle_buffer_size=buffer,
-                                              local_shuffle_seed=(tcfg.seed * 1_000_003 + start_step) * 1009
-                                              + epoch * 31 + rank):
-            n += 1
-            trained += 1
-            if tail_rows:
-                recent.append(batch)
-                while len(recent) > 1 and sum(len(next(iter(b.values()))) for b in recent) - \
-                        len(next(iter(recent[0].values()))) >= tail_rows:
-                    recent.popleft()
-            yield batch
-        if n == 0:
-            raise ValueError(f"{stage}: worker {rank} got no batch in epoch {epoch} "
-                             f"({manifest['rows']} rows over {world} workers)")
-        epoch += 1
-        if tail_rows and trained >= to_train:  # the steps are done: the tail replays, no new pass
-            yield from itertools.cycle(list(recent))
-
-
-def _check_latents(model: Any, manifest: dict[str, Any]) -> None:
-    from g2p.models.vae import vae_version
-    from pipelines.shards import ShardsError
-
-    want, have = manifest["latent"]["vae_version"], vae_version(model.vae)
-    if want != have:
-        raise ShardsError(f"latent.vae_version: the latents were encoded with VAE {want}, the model's VAE is "
-                          f"{have}; re-encode them (python -m pipelines.latents) with this model's VAE")
-
-
 def _load_model(location: str, cfg: G2PConfig, device: torch.device) -> Any:
     """A ``save_pretrained`` folder from a local path or a storage URI (downloaded to a temp dir)."""
     from g2p.model import G2PDiffusion
@@ -646,12 +520,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # 2. data: this worker's Ray Data shard (streamed), or every worker loads the same small file
     manifest, latents = config["manifest"], None
     if manifest is not None:
-        data: Any = _streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0,
-                                      config.get("tail_rows", 0))
+        data: Any = stream.streamed_batches(stage, manifest, tcfg, rank, world, int(resume["step"]) if resume else 0)
     else:
         needs_images = stage != "pretrain_conditioner"
         data = load_data(config["data"], config["splits"], cfg.vae.image_size if needs_images else None)
-        if stage in LATENT_STAGES:
+        if stage in stream.LATENT_STAGES:
             latents = stages.encode_latents(model, data.images)  # (N, C, h, w), deterministic
     factory = config["hooks_factory"]
     user = factory(rank, world) if factory else Hooks()

@@ -333,17 +333,15 @@ class RayCluster:
         """Processes still running whose command line names this cluster's temp root (raylets, workers, ...)."""
         if self.root is None:
             return []
-        needle = str(self.root).encode()
+        import psutil
+
+        needle = str(self.root)
         pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == os.getpid():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if proc.info["pid"] == os.getpid():
                 continue
-            try:
-                cmdline = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmdline:
-                pids.append(int(d.name))
+            if needle in " ".join(proc.info["cmdline"] or ()):
+                pids.append(proc.info["pid"])
         return pids
 
     def _kill(self, node: Node, timeout: float = 20.0) -> None:

@@ -251,7 +251,7 @@ def test_streamed_stage_reads_its_ray_data_shard(ray_local, shard_data: dict[str
 
 def test_streamed_latents_of_another_vae_are_refused(shard_data: dict[str, Path]) -> None:
     from pipelines import shards
-    from pipelines.ray_train import _check_latents
+    from pipelines.stream import check_latents as _check_latents
 
     m = shards.read_manifest(shard_data["latents"])
     model = G2PDiffusion.from_pretrained(shard_data["model"])
