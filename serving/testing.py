@@ -44,11 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 60.0, ok=(200,)) -> None:
-    """Poll ``url`` until it answers one of ``ok``; raise ``TimeoutError`` naming the URL."""
+def wait_http(url: str, timeout: float = 60.0, ok=(200,), proc=None, log=None) -> None:
+    """Poll ``url`` until it answers one of ``ok``; raise ``TimeoutError`` naming the URL.
+
+    With ``proc`` (the server's ``Popen``), stop as soon as it has exited, with
+    the end of its ``log`` file in the error.
+    """
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text()[-3000:] if log else ""
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}) before answering\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status in ok:

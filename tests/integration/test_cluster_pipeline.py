@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,8 @@ import yaml
 
 from tests.raycluster import RayCluster
 from tests.s3store import S3Store, free_ports
+from serving.testing import wait_http
+from tests.servers import restore_environ
 
 # Not in `make test`'s 20-minute budget: `make test-cluster` runs it (the kill and outage tests have
 # not yet been seen to pass; see the module docstring and the README).
@@ -108,25 +109,13 @@ def services(tmp_path_factory: pytest.TempPathFactory):
     saved = {k: os.environ.get(k) for k in s3.env()}
     try:
         cluster = _start_cluster(work)
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert ml.poll() is None, (work / "mlflow.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(1)
+        wait_http(f"{url}/health", timeout=300, proc=ml, log=work / "mlflow.log")  # a loaded box: slow
         TIMINGS["services"] = time.perf_counter() - t0
         print(f"[cluster-pipeline] services: {TIMINGS['services']:.0f} s", file=sys.stderr, flush=True)
         os.environ.update(s3.env())  # this process reads the step logs from S3 (pyarrow: AWS_* variables)
         yield Services(s3, cluster, url, work)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
         _stop(ml)
         ml_log.close()
         if cluster is not None:

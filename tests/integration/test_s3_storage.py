@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.s3store import S3Store, free_ports
+from serving.testing import wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,6 @@ def test_dvc_pushes_and_pulls_a_data_version_through_an_s3_remote(s3, tmp_path: 
 
 
 def test_mlflow_tracking_server_over_http_keeps_artifacts_in_s3(s3, tmp_path: Path) -> None:
-    import urllib.request
 
     port = free_ports(1)[0]
     env = {**os.environ, **s3.env()}
@@ -91,15 +90,7 @@ def test_mlflow_tracking_server_over_http_keeps_artifacts_in_s3(s3, tmp_path: Pa
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300  # a loaded 2-core box: the server takes a while
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(1)
+        wait_http(f"{url}/health", timeout=300, proc=proc, log=tmp_path / "mlflow.log")  # a loaded box: slow
         from mlflow import MlflowClient
 
         client = MlflowClient(url)  # the client needs no S3 credentials: the server proxies artifacts

@@ -19,6 +19,7 @@ from PIL import Image
 
 from serving.config import ServeSection, load_serve_section, serve_section
 from serving.testing import free_port, tiny_model, tiny_pipeline, tiny_records, wait_http
+from tests.servers import restore_environ
 
 pytestmark = pytest.mark.integration
 
@@ -283,11 +284,7 @@ def registry_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
             registry.register(RegisterSection(), PromoteSection(), root=root, progress=False)
         registry.promote("g2pdiffusion", PromoteSection(), to_version="1", note="serving test", tracking_uri=store)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
     return {"store": store}
 
 
