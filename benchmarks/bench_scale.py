@@ -1,9 +1,11 @@
 """Scale: validate, prepare, latent encoding and 100 streamed train_diffusion steps at 20 k and 200 k records.
 
     python -m benchmarks scale                      # 20 k and 200 k records
-    python -m benchmarks scale --sizes 20000        # one size
+    python benchmarks/bench_scale.py --sizes 20000  # one size
+    python benchmarks/bench_scale.py --sizes 20000 200000 --phases validate prepare --work W  # some phases
     python benchmarks/bench_scale.py --quick        # 2 k records, 20 steps (a smoke run)
     python benchmarks/bench_scale.py --workers-only # 1 vs 2 Ray workers on the streamed ingest
+    python benchmarks/bench_scale.py --pretrain     # BIOSCAN-5M's pretrain split (5.14 M barcodes)
 
 A synthetic root in the BIOSCAN-5M layout is grown from a small synthesised
 one (256 px JPEGs): its metadata rows are repeated with new processids and
@@ -17,6 +19,13 @@ on 2 Ray workers. For each: wall time, records/s, the peak resident memory of
 the driver and of the largest other process of its tree (a Ray worker),
 sampled every 0.2 s. The figures to read are the ratios between the sizes:
 peak memory at 200 k within 1.25x of 20 k, time per record within 1.3x.
+
+``--pretrain``: the metadata of ``g2p data synth --preset large`` (BIOSCAN-5M's
+5.15 M rows, no images) through ``g2p data validate`` (no image check: the
+root has none) and ``pipelines.prepare`` of its ``pretrain`` split (the
+records with images are dropped from ``valid.parquet`` first, by a streamed
+filter that is not timed), the goal being under 15 minutes and 4 GB peak on
+2 cores for the two phases together.
 """
 
 from __future__ import annotations
@@ -124,35 +133,49 @@ def params_for(work: Path, steps: int, workers: int) -> Path:
     return path
 
 
-def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str]) -> list[dict]:
+PHASES = ("validate", "prepare", "encode_latents", "train_diffusion")
+
+
+def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
+             phases: tuple[str, ...] = PHASES) -> list[dict]:
+    """The chosen ``phases`` at ``n`` records, in order; a phase reads the previous one's output from
+    ``work`` (so ``--phases encode_latents`` reuses an earlier run's ``prep<n>``)."""
     root = work / f"root{n}"
-    t0 = time.perf_counter()
-    grow_root(pool, root, n)
-    print(f"scale: grew a {n}-record root in {time.perf_counter() - t0:.0f} s", flush=True)
+    grown = False
+    if {"validate", "prepare"} & set(phases) and not root.exists():
+        t0 = time.perf_counter()
+        grow_root(pool, root, n)
+        grown = True
+        print(f"scale: grew a {n}-record root in {time.perf_counter() - t0:.0f} s", flush=True)
     params = params_for(work, steps, 2)
     py = [sys.executable, "-m"]
     model = work / "model"
-    rows = [
-        phase("validate", [str(BIN / "g2p"), "data", "validate", "--root", str(root), "--out", str(work / f"val{n}"),
-                           "--params", str(params), "--quiet"], work, env, n),
-        phase("prepare", py + ["pipelines.prepare", "--valid", str(work / f"val{n}" / "valid.parquet"), "--root",
-                               str(root), "--out", str(work / f"prep{n}"), "--params", str(params), "--quiet"],
-              work, env, n),
-    ]
-    train_rows = json.loads((work / f"prep{n}" / "train" / "manifest.json").read_text())["rows"]
-    rows.append(phase("encode_latents", py + ["pipelines.latents", "--model", str(model), "--prepared",
-                                              str(work / f"prep{n}"), "--out", str(work / f"lat{n}"), "--params",
-                                              str(params), "--quiet"], work, env, train_rows))
-    rows.append(phase(f"train_diffusion_{steps}_steps", py + [
-        "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
-        "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}", "--out",
-        str(work / f"out{n}")], work, env, train_rows))
-    log = [json.loads(x) for x in (work / "ray" / f"diff{n}" / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["global_samples_per_s"] for r in log if r.get("event") == "step"][1:]
-    rows[-1]["steady_samples_per_s"] = round(sorted(rates)[len(rates) // 2], 1) if rates else None
-    import shutil
+    rows = []
+    if "validate" in phases:
+        rows.append(phase("validate", [str(BIN / "g2p"), "data", "validate", "--root", str(root), "--out",
+                                       str(work / f"val{n}"), "--params", str(params), "--quiet"], work, env, n))
+    if "prepare" in phases:
+        rows.append(phase("prepare", py + ["pipelines.prepare", "--valid", str(work / f"val{n}" / "valid.parquet"),
+                                           "--root", str(root), "--out", str(work / f"prep{n}"), "--params",
+                                           str(params), "--quiet"], work, env, n))
+    if "encode_latents" in phases:
+        train_rows = json.loads((work / f"prep{n}" / "train" / "manifest.json").read_text())["rows"]
+        rows.append(phase("encode_latents", py + ["pipelines.latents", "--model", str(model), "--prepared",
+                                                  str(work / f"prep{n}"), "--out", str(work / f"lat{n}"), "--params",
+                                                  str(params), "--quiet"], work, env, train_rows))
+    if "train_diffusion" in phases:
+        train_rows = json.loads((work / f"lat{n}" / "train" / "manifest.json").read_text())["rows"]
+        rows.append(phase(f"train_diffusion_{steps}_steps", py + [
+            "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
+            "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}", "--out",
+            str(work / f"out{n}")], work, env, train_rows))
+        log = [json.loads(x) for x in (work / "ray" / f"diff{n}" / "metrics.jsonl").read_text().splitlines()]
+        rates = [r["global_samples_per_s"] for r in log if r.get("event") == "step"][1:]
+        rows[-1]["steady_samples_per_s"] = round(sorted(rates)[len(rates) // 2], 1) if rates else None
+    if grown:
+        import shutil
 
-    shutil.rmtree(root)  # the links; the pool stays
+        shutil.rmtree(root)  # the links; the pool stays
     return rows
 
 
@@ -176,6 +199,59 @@ def workers_compare(work: Path, n: int, steps: int, env: dict[str, str]) -> list
     return out
 
 
+def pretrain_only(valid: Path, out: Path) -> int:
+    """``valid`` restricted to the ``pretrain`` split, streamed batch by batch into ``out``; its row count."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    ds = pads.dataset(valid)
+    writer, n = None, 0
+    try:
+        for batch in ds.to_batches(filter=pads.field("split") == "pretrain", batch_size=200_000):
+            if writer is None:
+                writer = pq.ParquetWriter(out, batch.schema)
+            writer.write_batch(batch)
+            n += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
+
+
+def run_pretrain(work: Path, env: dict[str, str]) -> list[dict]:
+    """validate + prepare of BIOSCAN-5M's pretrain split (metadata of ``--preset large``), each in its own process."""
+    root = work / "large"
+    if not (root / "bioscan5m").exists():
+        t0 = time.perf_counter()
+        subprocess.run([str(BIN / "g2p"), "data", "synth", "--preset", "large", "--out", str(root), "--quiet"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        print(f"scale: synthesised the large (metadata-only) root in {time.perf_counter() - t0:.0f} s", flush=True)
+    raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "default"],
+                                        capture_output=True, text=True, check=True).stdout)
+    raw["validate"].update(check_images=False, max_reject_fraction=1.0)  # no images in a metadata-only root
+    raw["ray"].update(storage_path=str(work / "ray"))
+    params = work / "params-pretrain.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    import pyarrow.parquet as pq
+    from g2p.data.layout import METADATA_RELPATH
+
+    rows = sum(1 for _ in open(root / METADATA_RELPATH)) - 1
+    out = [phase("validate (5.15 M rows, no images)", [str(BIN / "g2p"), "data", "validate", "--root", str(root),
+                                                       "--out", str(work / "val_large"), "--params", str(params),
+                                                       "--quiet"], work, env, rows)]
+    n = pretrain_only(work / "val_large" / "valid.parquet", work / "valid_pretrain.parquet")
+    assert n == pq.ParquetFile(work / "valid_pretrain.parquet").metadata.num_rows
+    out.append(phase("prepare (pretrain split)", [sys.executable, "-m", "pipelines.prepare", "--valid",
+                                                  str(work / "valid_pretrain.parquet"), "--root", str(root), "--out",
+                                                  str(work / "prep_large"), "--params", str(params), "--quiet"],
+                     work, env, n))
+    total = sum(r["wall_s"] for r in out)
+    peak = max(max(r["driver_peak_gb"], r["worker_peak_gb"]) for r in out)
+    print(f"scale: pretrain split ({n} valid of {rows} rows): validate + prepare {total:.0f} s "
+          f"({total / 60:.1f} min, goal < 15), peak process {peak:.2f} GB (goal < 4)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
@@ -183,26 +259,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="2 k records, 20 steps")
     p.add_argument("--workers-only", action="store_true", help="only 1 vs 2 workers (on the smallest size)")
+    p.add_argument("--pretrain", action="store_true", help="only BIOSCAN-5M's pretrain split: validate + prepare")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                   help="phases to run at each size (a later phase reuses an earlier run's outputs in --work)")
     a = p.parse_args(argv)
     sizes, steps = ([2000], 20) if a.quick else (a.sizes, a.steps)
     work = Path(a.work or tempfile.mkdtemp(prefix="g2p-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     pool = work / "pool"
-    if not pool.exists():
+    if not a.pretrain and not pool.exists():
         raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "tiny"],
                                             capture_output=True, text=True, check=True).stdout)
         raw["data"]["image_size"] = 256  # the images BIOSCAN-5M's cropped_256 folder holds
         (work / "pool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         subprocess.run([str(BIN / "g2p"), "data", "synth", "--out", str(pool), "--params", str(work / "pool.yaml"),
                         "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
-    if not (work / "model").exists():
+    if not a.pretrain and not (work / "model").exists():
         subprocess.run([sys.executable, "-c", "from g2p.config import preset; from g2p.model import G2PDiffusion; "
                         f"G2PDiffusion(preset('default')).save_pretrained({str(work / 'model')!r})"], check=True, env=env)
     results: dict = {"sizes": {}}
-    if not a.workers_only:
+    if a.pretrain:
+        results["pretrain"] = run_pretrain(work, env)
+    elif not a.workers_only:
         for n in sizes:
-            results["sizes"][n] = run_size(pool, work, n, steps, env)
+            results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases))
         if len(sizes) >= 2:
             lo, hi = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
             for a_, b_ in zip(lo, hi):
@@ -211,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f}, "
                       f"time per record x{b_['ms_per_record'] / max(1e-9, a_['ms_per_record']):.2f}")
     else:
-        run_size(pool, work, sizes[0], steps, env) if not (work / f"lat{sizes[0]}").exists() else None
+        n = sizes[0]
+        if not (work / f"lat{n}" / "train" / "manifest.json").exists():  # the latents to stream, made if missing
+            run_size(pool, work, n, steps, env, ("encode_latents",) if (work / f"prep{n}" / "train").exists()
+                     else ("validate", "prepare", "encode_latents"))
         results["workers"] = workers_compare(work, sizes[0], steps, env)
     (work / "scale.json").write_text(json.dumps(results, indent=2))
     print(f"scale: results in {work / 'scale.json'}")

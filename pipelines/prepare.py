@@ -23,8 +23,10 @@ Where the files go: beside each group's ``manifest.json`` under ``--out``
 ``valid.parquet`` is then copied to ``<storage_path>/prepared/_inputs/<key>/``
 first, as Ray Data's read tasks run on any node and must not open a path on
 the driver's disk.
-``--root`` may be a URI too (images in object storage). Order is preserved:
-the same inputs give the same files.
+``--root`` may be a URI too (images in object storage). The rows of a
+group are the same for the same inputs; their order inside the files is
+Ray Data's (a partitioned write may bundle blocks out of order), so readers
+that need an order sort by ``processid`` (:func:`pipelines.shards.load_arrays`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,15 @@ def _rows(batch: pd.DataFrame, root: str, size: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def bytes_per_input_row(split_counts: dict[str, int], image_size: int) -> int:
+    """Bytes written per row of ``valid.parquet``, from what it holds: a decoded image only for the image
+    groups' records, the metadata for every group a record lands in (a ``train`` record is in two)."""
+    n = sum(split_counts.values())
+    written = sum(split_counts.get(s, 0) * shards.row_bytes(image_size if with_images else None)
+                  for splits, with_images in GROUPS.values() for s in splits)
+    return max(1, -(-written // max(1, n)))
+
+
 def content_key(valid: str | Path, image_size: int) -> str:
     """What decides the prepared files: the validated records and the resolution."""
     h = hashlib.sha256(f"{image_size}|".encode())
@@ -114,7 +125,7 @@ def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: in
     t0 = time.perf_counter()
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same inputs give the same files
+    ctx.execution_options.preserve_order = True  # blocks in input order where Ray Data keeps it
     ctx.enable_progress_bars = progress
     valid, out = Path(valid), Path(out)
     schema = pq.read_schema(valid)
@@ -122,8 +133,7 @@ def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: in
     split_counts = pd.read_parquet(valid, columns=["split"])["split"].value_counts().to_dict()
     n = int(sum(split_counts.values()))
     cpus = shards.cluster_cpus()
-    per_row = shards.row_bytes(image_size)
-    blocks = shards.num_blocks(n, per_row, cpus)
+    blocks = shards.num_blocks(n, bytes_per_input_row(split_counts, image_size), cpus)
     key = content_key(valid, image_size)
     # Where the files go: under --out (local storage) or content-keyed in the object store.
     base = storage.join(storage_path, "prepared", key) if shards.remote(storage_path) \

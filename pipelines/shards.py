@@ -220,8 +220,10 @@ def ray_dataset(folder: str | Path, columns: Sequence[str] | None = None, *, shu
 def load_arrays(folder: str | Path, image_size: int | None = None) -> Any:
     """The whole dataset in memory as :class:`g2p.data.dataset.Arrays` (small consumers: grids, evaluation).
 
-    Rows come sorted by file, then file order; ``image_size`` checks the
-    stored resolution (``None`` skips the images).
+    Rows come sorted by ``processid``, whatever order the writer left them
+    in (Ray Data may bundle a partitioned write's blocks out of order), so
+    every reader sees the same order; ``image_size`` checks the stored
+    resolution (``None`` skips the images).
     """
     import pyarrow.parquet as pq
     import torch
@@ -237,7 +239,7 @@ def load_arrays(folder: str | Path, image_size: int | None = None) -> Any:
     if tables:
         import pyarrow as pa
 
-        t = pa.concat_tables(tables)
+        t = pa.concat_tables(tables).sort_by("processid")
         d = {c: t.column(c).to_numpy(zero_copy_only=False) for c in cols}
     else:
         d = {c: np.zeros(0) for c in cols}
