@@ -13,8 +13,8 @@ every record gets its own image *file*, a hard link to one of the pool's
 images, so every record is opened and decoded on its own while the disk holds
 only the pool. Then each phase runs as its own process (so its peak memory is
 its own): ``g2p data validate`` (images checked), ``pipelines.prepare``,
-``pipelines.latents`` (the default preset's VAE: its speed, not its quality,
-matters here) and 100 steps of ``train_diffusion`` streamed from the latents
+``pipelines.latents`` (the default preset's VAE, or ``--preset tiny``'s for a
+run in minutes: its speed, not its quality, matters here) and 100 steps of ``train_diffusion`` streamed from the latents
 on 2 Ray workers. For each: wall time, records/s, the peak resident memory of
 the driver and of the largest other process of its tree (a Ray worker),
 sampled every 0.2 s. The figures to read are the ratios between the sizes:
@@ -122,14 +122,23 @@ def phase(name: str, cmd: list[str], cwd: Path, env: dict[str, str], records: in
     return row
 
 
-def params_for(work: Path, steps: int, workers: int) -> Path:
-    raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "default"],
+def params_for(work: Path, steps: int, workers: int, preset: str = "default") -> Path:
+    raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", preset],
                                         capture_output=True, text=True, check=True).stdout)
     raw["validate"]["max_reject_fraction"] = 1.0  # the grown root repeats barcodes; measure, do not gate
     raw["train_diffusion"].update(steps=steps, log_every=10, checkpoint_every=steps)
     raw["ray"].update(num_workers=workers, storage_path=str(work / "ray"))
-    path = work / f"params-{workers}.yaml"
+    path = work / f"params-{preset}-{workers}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def model_dir(work: Path, preset: str) -> Path:
+    """The freshly initialised model of ``preset`` the latent and training phases use (made once)."""
+    path = work / ("model" if preset == "default" else f"model-{preset}")
+    if not path.exists():
+        subprocess.run([sys.executable, "-c", "from g2p.config import preset; from g2p.model import G2PDiffusion; "
+                        f"G2PDiffusion(preset({preset!r})).save_pretrained({str(path)!r})"], check=True)
     return path
 
 
@@ -137,9 +146,10 @@ PHASES = ("validate", "prepare", "encode_latents", "train_diffusion")
 
 
 def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
-             phases: tuple[str, ...] = PHASES) -> list[dict]:
+             phases: tuple[str, ...] = PHASES, preset: str = "default") -> list[dict]:
     """The chosen ``phases`` at ``n`` records, in order; a phase reads the previous one's output from
-    ``work`` (so ``--phases encode_latents`` reuses an earlier run's ``prep<n>``)."""
+    ``work`` (so ``--phases encode_latents`` reuses an earlier run's ``prep<n>``). Outputs of another
+    ``preset`` than ``default`` (its image size, VAE and UNet) carry its name: ``prep<n>-tiny``."""
     root = work / f"root{n}"
     grown = False
     if {"validate", "prepare"} & set(phases) and not root.exists():
@@ -147,29 +157,31 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
         grow_root(pool, root, n)
         grown = True
         print(f"scale: grew a {n}-record root in {time.perf_counter() - t0:.0f} s", flush=True)
-    params = params_for(work, steps, 2)
+    params = params_for(work, steps, 2, preset)
     py = [sys.executable, "-m"]
-    model = work / "model"
+    model = model_dir(work, preset)
+    tag = "" if preset == "default" else f"-{preset}"
     rows = []
+    val, prep, lat, out = (work / f"{name}{n}{tag}" for name in ("val", "prep", "lat", "out"))
     if "validate" in phases:
         rows.append(phase("validate", [str(BIN / "g2p"), "data", "validate", "--root", str(root), "--out",
-                                       str(work / f"val{n}"), "--params", str(params), "--quiet"], work, env, n))
+                                       str(val), "--params", str(params), "--quiet"], work, env, n))
     if "prepare" in phases:
-        rows.append(phase("prepare", py + ["pipelines.prepare", "--valid", str(work / f"val{n}" / "valid.parquet"),
-                                           "--root", str(root), "--out", str(work / f"prep{n}"), "--params",
-                                           str(params), "--quiet"], work, env, n))
+        rows.append(phase("prepare", py + ["pipelines.prepare", "--valid", str(val / "valid.parquet"), "--root",
+                                           str(root), "--out", str(prep), "--params", str(params), "--quiet"],
+                          work, env, n))
     if "encode_latents" in phases:
-        train_rows = json.loads((work / f"prep{n}" / "train" / "manifest.json").read_text())["rows"]
+        train_rows = json.loads((prep / "train" / "manifest.json").read_text())["rows"]
         rows.append(phase("encode_latents", py + ["pipelines.latents", "--model", str(model), "--prepared",
-                                                  str(work / f"prep{n}"), "--out", str(work / f"lat{n}"), "--params",
-                                                  str(params), "--quiet"], work, env, train_rows))
+                                                  str(prep), "--out", str(lat), "--params", str(params), "--quiet"],
+                          work, env, train_rows))
     if "train_diffusion" in phases:
-        train_rows = json.loads((work / f"lat{n}" / "train" / "manifest.json").read_text())["rows"]
+        train_rows = json.loads((lat / "train" / "manifest.json").read_text())["rows"]
         rows.append(phase(f"train_diffusion_{steps}_steps", py + [
-            "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
-            "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}", "--out",
-            str(work / f"out{n}")], work, env, train_rows))
-        log = [json.loads(x) for x in (work / "ray" / f"diff{n}" / "metrics.jsonl").read_text().splitlines()]
+            "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(lat / "train"),
+            "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}{tag}", "--out",
+            str(out)], work, env, train_rows))
+        log = [json.loads(x) for x in (work / "ray" / f"diff{n}{tag}" / "metrics.jsonl").read_text().splitlines()]
         rates = [r["global_samples_per_s"] for r in log if r.get("event") == "step"][1:]
         rows[-1]["steady_samples_per_s"] = round(sorted(rates)[len(rates) // 2], 1) if rates else None
     if grown:
@@ -179,17 +191,19 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
     return rows
 
 
-def workers_compare(work: Path, n: int, steps: int, env: dict[str, str]) -> list[dict]:
+def workers_compare(work: Path, n: int, steps: int, env: dict[str, str], preset: str = "default") -> list[dict]:
     """1 vs 2 Ray workers streaming the same latents, alternated twice; median steady samples/s each."""
     out = []
+    tag = "" if preset == "default" else f"-{preset}"
     for rep in range(2):
         for w in (1, 2):
-            params = params_for(work, steps, w)
-            name = f"w{w}-{rep}"
+            params = params_for(work, steps, w, preset)
+            name = f"w{w}-{rep}{tag}"
             phase(f"train_diffusion_{w}_workers", [sys.executable, "-m", "pipelines.ray_train", "--stage",
-                                                   "train_diffusion", "--data", str(work / f"lat{n}" / "train"),
-                                                   "--init-model", str(work / "model"), "--params", str(params),
-                                                   "--run-name", name, "--out", str(work / name)], work, env, 1)
+                                                   "train_diffusion", "--data", str(work / f"lat{n}{tag}" / "train"),
+                                                   "--init-model", str(model_dir(work, preset)), "--params",
+                                                   str(params), "--run-name", name, "--out", str(work / name)],
+                  work, env, 1)
             log = [json.loads(x) for x in (work / "ray" / name / "metrics.jsonl").read_text().splitlines()]
             rates = sorted(r["global_samples_per_s"] for r in log if r.get("event") == "step")[1:]
             out.append({"workers": w, "rep": rep, "samples_per_s": round(rates[len(rates) // 2], 1)})
@@ -262,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain", action="store_true", help="only BIOSCAN-5M's pretrain split: validate + prepare")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
                    help="phases to run at each size (a later phase reuses an earlier run's outputs in --work)")
+    p.add_argument("--preset", default="default", choices=("tiny", "default"),
+                   help="the model preset of every phase (image size, VAE, UNet): tiny measures the data path "
+                        "at 200 k records in minutes rather than the hour the default VAE takes on 2 cores")
     a = p.parse_args(argv)
     sizes, steps = ([2000], 20) if a.quick else (a.sizes, a.steps)
     work = Path(a.work or tempfile.mkdtemp(prefix="g2p-scale-"))
@@ -275,15 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "pool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         subprocess.run([str(BIN / "g2p"), "data", "synth", "--out", str(pool), "--params", str(work / "pool.yaml"),
                         "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
-    if not a.pretrain and not (work / "model").exists():
-        subprocess.run([sys.executable, "-c", "from g2p.config import preset; from g2p.model import G2PDiffusion; "
-                        f"G2PDiffusion(preset('default')).save_pretrained({str(work / 'model')!r})"], check=True, env=env)
     results: dict = {"sizes": {}}
     if a.pretrain:
         results["pretrain"] = run_pretrain(work, env)
     elif not a.workers_only:
         for n in sizes:
-            results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases))
+            results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases), a.preset)
         if len(sizes) >= 2:
             lo, hi = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
             for a_, b_ in zip(lo, hi):
@@ -292,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f}, "
                       f"time per record x{b_['ms_per_record'] / max(1e-9, a_['ms_per_record']):.2f}")
     else:
-        n = sizes[0]
-        if not (work / f"lat{n}" / "train" / "manifest.json").exists():  # the latents to stream, made if missing
-            run_size(pool, work, n, steps, env, ("encode_latents",) if (work / f"prep{n}" / "train").exists()
-                     else ("validate", "prepare", "encode_latents"))
-        results["workers"] = workers_compare(work, sizes[0], steps, env)
+        n, tag = sizes[0], "" if a.preset == "default" else f"-{a.preset}"
+        if not (work / f"lat{n}{tag}" / "train" / "manifest.json").exists():  # the latents to stream, made if missing
+            run_size(pool, work, n, steps, env, ("encode_latents",) if (work / f"prep{n}{tag}" / "train").exists()
+                     else ("validate", "prepare", "encode_latents"), a.preset)
+        results["workers"] = workers_compare(work, sizes[0], steps, env, a.preset)
     (work / "scale.json").write_text(json.dumps(results, indent=2))
     print(f"scale: results in {work / 'scale.json'}")
     return 0

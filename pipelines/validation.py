@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,12 +79,13 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
     """
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clock, timings = time.perf_counter(), {}
+    clock, timings, peaks = time.perf_counter(), {}, {}
 
-    def lap(name: str) -> None:
+    def lap(name: str) -> None:  # seconds of each step, and this process's peak memory at its end
         nonlocal clock
         now = time.perf_counter()
         timings[name], clock = round(now - clock, 2), now
+        peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
 
     reader = open_metadata(root)  # checks the columns before anything slow
     ids = read_ids(root, reader.schema.names)
@@ -115,6 +117,7 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
                                f"{rule_count}: the suite and the rules disagree")
 
     summary = _summary(root, out, cfg, rules, suite, n, rejected, has_place, timings, images)
+    summary["peak_rss_gb"] = peaks
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["reject_fraction"] > cfg.max_reject_fraction:
         worst = ", ".join(f"{k} ({summary['expectations'][k]['unexpected_count']})"
