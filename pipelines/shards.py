@@ -180,7 +180,7 @@ def collate(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str,
         out["barcode"] = [str(b) for b in batch["barcode"]]
     for key, dtype in (("lat", torch.float32), ("lon", torch.float32), ("has_place", torch.bool)):
         if key in batch:
-            out[key] = torch.as_tensor(np.asarray(batch[key])).to(dtype)
+            out[key] = torch.tensor(np.asarray(batch[key]), dtype=dtype)  # a copy: Arrow's buffers are read-only
     if "image" in batch:
         s = manifest["image_size"]
         out["image"] = torch.from_numpy(unpack(batch["image"], (3, s, s), "uint8"))
