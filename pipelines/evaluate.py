@@ -155,8 +155,9 @@ def evaluate(pipe, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_t
     if max(ks) > ecfg.num_samples:
         raise ValueError(f"evaluate.ks: {max(ks)} exceeds evaluate.num_samples={ecfg.num_samples}")
     sampling = sampling or pipe.cfg.sampling
-    if sampling.scheduler != pipe.cfg.sampling.scheduler:
-        pipe = pipe.with_scheduler(sampling.scheduler)
+    # the scheduler is built from its name (g2p.diffusion.schedule), never taken from a folder's saved
+    # settings: a folder exported before a fix there (the start timestep, 2026-12-04) is judged as a new one
+    pipe = pipe.with_scheduler(sampling.scheduler)
     guided = sampling.aligner_guidance_scale
     skw = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
     reps, seed = ecfg.bootstrap_reps, ecfg.seed

@@ -37,10 +37,10 @@ def test_golden_slice(pipe) -> None:
     assert out.shape == (1, 32, 32, 3) and out.dtype == np.float32
     got = (out[0, 16, 12:16, :] * 255).round().astype(int).flatten()
     # +-1 grey level: float summation order may differ with the thread count
-    assert np.abs(got - np.array(GOLDEN)).max() <= 1, got.tolist()
+    assert np.abs(got - np.array(GOLDEN)).max() <= 1, str(got.tolist())
 
 
-GOLDEN = [75, 29, 3, 94, 110, 31, 26, 151, 71, 104, 118, 109]
+GOLDEN = [103, 17, 144, 75, 55, 173, 111, 96, 138, 70, 78, 155]  # leading spacing (2026-12-04)
 
 
 def test_output_types_agree(pipe) -> None:
@@ -116,10 +116,18 @@ def test_swapping_a_scheduler_by_from_config_works_and_unsupported_ones_are_refu
         p.scheduler = UniPCMultistepScheduler.from_config(p.scheduler.config, prediction_type="v_prediction")
 
 
-def test_ddim_trailing_starts_at_the_last_timestep(pipe) -> None:
-    s = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    s.set_timesteps(25)
-    assert int(s.timesteps[0]) == 999
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_sampling_starts_below_the_last_timestep(name: str) -> None:
+    """At t = 999 the default cosine schedule's gamma is 2.4e-9: an x0 estimate there multiplies the
+    UNet's eps error by 2e4 (the default model's images were saturated noise). Every sampler starts
+    where x0 is well conditioned (25 steps: t = 961; the multistep solvers 951)."""
+    from g2p.diffusion.schedule import build_sampling_scheduler
+
+    for cfg in (CFG, preset("default")):
+        s = build_sampling_scheduler(cfg.diffusion, name)
+        s.set_timesteps(25)
+        first = int(s.timesteps[0])
+        assert first in (951, 961) and float(s.alphas_cumprod[first]) > 1e-3, (name, first)
 
 
 def test_w0_is_unguided_bit_for_bit(pipe) -> None:
