@@ -173,7 +173,7 @@ class G2PDiffusionPipeline(DiffusionPipeline):
 
         Fixed shapes are what make an image independent of its batch: CPU and
         GPU kernels pick their blocking by batch size, and a 1e-6 change in a
-        noise prediction at t = 999 (where gamma_t ~ 0) grows into visible
+        noise prediction at the first step (where gamma_t is small) grows into visible
         pixels. A short last chunk is padded with copies whose outputs are
         dropped. Images are byte-identical between calls with the same size;
         raise it on a GPU (e.g. 32), keep it small on a CPU, where a padded

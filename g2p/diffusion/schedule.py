@@ -25,7 +25,7 @@ __all__ = ["SCHEDULERS", "build_train_scheduler", "build_sampling_scheduler", "a
 # (squaredcos_cap_v2) has gamma_999 = 2.4e-9: the UNet's error on eps (RMS 0.06 for the trained
 # default model at t = 999) became an x0 error of ~1,200, and every scheduler that started at
 # t = 999 ("trailing", "linspace") gave saturated noise (measured 2026-12-04 on `make run`'s model:
-# seen species accuracy 4%, SEEN_AFTER with leading spacing; gamma_901 = 0.023, gamma_961 = 0.0035).
+# seen species accuracy 4%, 50.6% with leading spacing; gamma_901 = 0.023, gamma_961 = 0.0035).
 START_BELOW_T = {"timestep_spacing": "leading", "steps_offset": 1}
 
 # ``sampling.scheduler`` names -> (diffusers class, settings on top of the training betas).
