@@ -14,11 +14,12 @@ images, so every record is opened and decoded on its own while the disk holds
 only the pool. Then each phase runs as its own process (so its peak memory is
 its own): ``g2p data validate`` (images checked), ``pipelines.prepare``,
 ``pipelines.latents`` (the default preset's VAE, or ``--preset tiny``'s for a
-run in minutes: its speed, not its quality, matters here) and 100 steps of ``train_diffusion`` streamed from the latents
-on 2 Ray workers. For each: wall time, records/s, the peak resident memory of
-the driver and of the largest other process of its tree (a Ray worker),
-sampled every 0.2 s. The figures to read are the ratios between the sizes:
-peak memory at 200 k within 1.25x of 20 k, time per record within 1.3x.
+run in minutes: its speed, not its quality, matters here) and 100 steps of
+``train_diffusion`` streamed from the latents on 2 Ray workers. For each:
+wall time, records/s, the peak resident memory of the driver and of the
+largest other process of its tree (a Ray worker), sampled every 0.2 s. The
+figures to read are the ratios between the sizes: peak memory at 200 k within
+1.25x of 20 k, time per record within 1.3x.
 
 ``--pretrain``: the metadata of ``g2p data synth --preset large`` (BIOSCAN-5M's
 5.15 M rows, no images) through ``g2p data validate`` (no image check: the
@@ -133,9 +134,14 @@ def params_for(work: Path, steps: int, workers: int, preset: str = "default") ->
     return path
 
 
+def tagged(work: Path, name: str, preset: str) -> Path:
+    """``work / name``, suffixed with the preset where it is not the default: ``prep20000-tiny``."""
+    return work / (name if preset == "default" else f"{name}-{preset}")
+
+
 def model_dir(work: Path, preset: str) -> Path:
     """The freshly initialised model of ``preset`` the latent and training phases use (made once)."""
-    path = work / ("model" if preset == "default" else f"model-{preset}")
+    path = tagged(work, "model", preset)
     if not path.exists():
         subprocess.run([sys.executable, "-c", "from g2p.config import preset; from g2p.model import G2PDiffusion; "
                         f"G2PDiffusion(preset({preset!r})).save_pretrained({str(path)!r})"], check=True)
@@ -160,9 +166,8 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
     params = params_for(work, steps, 2, preset)
     py = [sys.executable, "-m"]
     model = model_dir(work, preset)
-    tag = "" if preset == "default" else f"-{preset}"
     rows = []
-    val, prep, lat, out = (work / f"{name}{n}{tag}" for name in ("val", "prep", "lat", "out"))
+    val, prep, lat, out = (tagged(work, f"{name}{n}", preset) for name in ("val", "prep", "lat", "out"))
     if "validate" in phases:
         rows.append(phase("validate", [str(BIN / "g2p"), "data", "validate", "--root", str(root), "--out",
                                        str(val), "--params", str(params), "--quiet"], work, env, n))
@@ -177,11 +182,12 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
                           work, env, train_rows))
     if "train_diffusion" in phases:
         train_rows = json.loads((lat / "train" / "manifest.json").read_text())["rows"]
+        run = tagged(work, f"diff{n}", preset).name
         rows.append(phase(f"train_diffusion_{steps}_steps", py + [
             "pipelines.ray_train", "--stage", "train_diffusion", "--data", str(lat / "train"),
-            "--init-model", str(model), "--params", str(params), "--run-name", f"diff{n}{tag}", "--out",
+            "--init-model", str(model), "--params", str(params), "--run-name", run, "--out",
             str(out)], work, env, train_rows))
-        log = [json.loads(x) for x in (work / "ray" / f"diff{n}{tag}" / "metrics.jsonl").read_text().splitlines()]
+        log = [json.loads(x) for x in (work / "ray" / run / "metrics.jsonl").read_text().splitlines()]
         rates = [r["global_samples_per_s"] for r in log if r.get("event") == "step"][1:]
         rows[-1]["steady_samples_per_s"] = round(sorted(rates)[len(rates) // 2], 1) if rates else None
     if grown:
@@ -194,13 +200,13 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
 def workers_compare(work: Path, n: int, steps: int, env: dict[str, str], preset: str = "default") -> list[dict]:
     """1 vs 2 Ray workers streaming the same latents, alternated twice; median steady samples/s each."""
     out = []
-    tag = "" if preset == "default" else f"-{preset}"
     for rep in range(2):
         for w in (1, 2):
             params = params_for(work, steps, w, preset)
-            name = f"w{w}-{rep}{tag}"
+            name = tagged(work, f"w{w}-{rep}", preset).name
             phase(f"train_diffusion_{w}_workers", [sys.executable, "-m", "pipelines.ray_train", "--stage",
-                                                   "train_diffusion", "--data", str(work / f"lat{n}{tag}" / "train"),
+                                                   "train_diffusion", "--data", str(tagged(work, f"lat{n}", preset)
+                                                                                    / "train"),
                                                    "--init-model", str(model_dir(work, preset)), "--params",
                                                    str(params), "--run-name", name, "--out", str(work / name)],
                   work, env, 1)
@@ -306,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f}, "
                       f"time per record x{b_['ms_per_record'] / max(1e-9, a_['ms_per_record']):.2f}")
     else:
-        n, tag = sizes[0], "" if a.preset == "default" else f"-{a.preset}"
-        if not (work / f"lat{n}{tag}" / "train" / "manifest.json").exists():  # the latents to stream, made if missing
-            run_size(pool, work, n, steps, env, ("encode_latents",) if (work / f"prep{n}{tag}" / "train").exists()
+        n = sizes[0]
+        if not (tagged(work, f"lat{n}", a.preset) / "train" / "manifest.json").exists():  # made if missing
+            have_prep = (tagged(work, f"prep{n}", a.preset) / "train").exists()
+            run_size(pool, work, n, steps, env, ("encode_latents",) if have_prep
                      else ("validate", "prepare", "encode_latents"), a.preset)
         results["workers"] = workers_compare(work, sizes[0], steps, env, a.preset)
     (work / "scale.json").write_text(json.dumps(results, indent=2))

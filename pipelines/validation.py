@@ -116,8 +116,7 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
             raise RuntimeError(f"rule {r.key}: GX counts {gx_count} unexpected, g2p.data.normalise "
                                f"{rule_count}: the suite and the rules disagree")
 
-    summary = _summary(root, out, cfg, rules, suite, n, rejected, has_place, timings, images)
-    summary["peak_rss_gb"] = peaks
+    summary = _summary(root, out, cfg, rules, suite, n, rejected, has_place, timings, peaks, images)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["reject_fraction"] > cfg.max_reject_fraction:
         worst = ", ".join(f"{k} ({summary['expectations'][k]['unexpected_count']})"
@@ -430,7 +429,7 @@ def _stats(t: pa.Table) -> list[str]:
 
 def _summary(root: Path, out: Path, cfg: ValidateConfig, rules: list[Rule], suite: SuiteResult, n: int,
              rejected: np.ndarray, has_place: np.ndarray, timings: dict[str, float],
-             images: dict[str, Any]) -> dict[str, Any]:
+             peaks: dict[str, float], images: dict[str, Any]) -> dict[str, Any]:
     per_rule = {r.key: {"column": r.column, **suite.per_rule[r.key]} for r in rules}
     worst = sorted((k for k, v in per_rule.items() if v["unexpected_count"]),
                    key=lambda k: -per_rule[k]["unexpected_count"])
@@ -450,4 +449,5 @@ def _summary(root: Path, out: Path, cfg: ValidateConfig, rules: list[Rule], suit
                       "length, N fraction and character set, coordinates as numbers, unparsed coordinate "
                       "text, which coordinates are given" + (", image status" if cfg.check_images else ""),
         "data_docs": "data_docs/index.html", "config": dataclasses.asdict(cfg), "timings_s": timings,
+        "peak_rss_gb": peaks,
     }
