@@ -49,11 +49,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import getpass
-import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -62,6 +60,9 @@ from pathlib import Path
 from typing import Any
 
 from g2p.config import ConfigError, _build
+from pipelines.model_package import (
+    PYFUNC_FILE, bundle_g2p, bundle_serving, example_barcode, pip_requirements, preflight, signature_and_example,
+)
 from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API lives in promotion.py)
     Decision, MetricCheck, PromoteSection, _get, absent_sections, decide, flatten_metrics, metric_absence, metric_key,
     resolve_metric,
@@ -69,9 +70,6 @@ from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API li
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ABSENT_TAG = "absent."  # version tag prefix: absent.<metrics.json section> = why it was not measured
-PYFUNC_FILE = Path(__file__).with_name("g2p_pyfunc.py")
-RUNTIME_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy", "pandas",
-                    "pyarrow", "pillow", "pyyaml", "tqdm", "pydantic", "mlflow")
 
 
 # ----------------------------------------------------------------------------
@@ -174,97 +172,6 @@ def load_registered(uri: str = "models:/g2pdiffusion@champion", tracking_uri: st
     return model
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for name in RUNTIME_PACKAGES:
-        try:
-            reqs.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            continue
-    return reqs
-
-
-def _bundle_package(name: str, dest: Path, patterns: tuple[str, ...] = ("*.py",)) -> tuple[Path, str]:
-    """A copy of package ``name``'s files matching ``patterns`` (no caches) under ``dest``; and their sha256."""
-    import importlib
-
-    src = Path(importlib.import_module(name).__file__).parent
-    h = hashlib.sha256()
-    files = sorted({f for p in patterns for f in src.rglob(p) if f.is_file()})
-    for f in files:
-        rel = f.relative_to(src)
-        if "__pycache__" in rel.parts:
-            continue
-        h.update(str(rel).encode() + b"\0" + f.read_bytes())
-        (dest / name / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest / name / rel)
-    return dest / name, h.hexdigest()
-
-
-def _bundle_g2p(dest: Path) -> tuple[Path, str]:
-    """A copy of the ``g2p`` package's sources (no caches) under ``dest``; and their sha256."""
-    return _bundle_package("g2p", dest)
-
-
-def _bundle_serving(dest: Path) -> tuple[Path, str]:
-    """A copy of the ``serving`` package (sources and the page's static files) under ``dest``; and their sha256."""
-    return _bundle_package("serving", dest, ("*.py", "static/*"))
-
-
-def _signature_and_example(example_barcode: str, steps: int) -> tuple[Any, Any]:
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([
-        ColSpec("string", "barcode"), ColSpec("double", "latitude", required=False),
-        ColSpec("double", "longitude", required=False), ColSpec("long", "n", required=False),
-        ColSpec("long", "steps", required=False), ColSpec("double", "guidance_scale", required=False),
-        ColSpec("double", "aligner_guidance_scale", required=False), ColSpec("string", "scheduler", required=False),
-        ColSpec("long", "seed", required=False),
-    ])
-    outputs = Schema([
-        ColSpec("long", "row"), ColSpec("long", "sample"), ColSpec("string", "barcode"), ColSpec("long", "seed"),
-        ColSpec("binary", "image"), ColSpec("double", "score", required=False),
-    ])
-    example = pd.DataFrame([{"barcode": example_barcode, "latitude": 45.5, "longitude": -73.6, "n": 1,
-                             "steps": steps, "guidance_scale": 3.0, "aligner_guidance_scale": 1.0,
-                             "scheduler": "ddim", "seed": 0}])
-    return ModelSignature(inputs=inputs, outputs=outputs), example
-
-
-def example_barcode(length: int = 658, seed: int = 0) -> str:
-    """A fixed COI-length DNA string for the input example (any A/C/G/T barcode is valid input)."""
-    import random
-
-    rng = random.Random(seed)
-    return "".join(rng.choice("ACGT") for _ in range(length))
-
-
-def preflight(artifacts: Mapping[str, str], info: Mapping[str, Any], example: Any) -> Any:
-    """Load the folders and predict the input example with the pyfunc's own code, before anything is logged.
-
-    A generator folder from older code (say, without a module the current UNet
-    has) must stop the stage with its reason, not be registered broken.
-    """
-    from types import SimpleNamespace
-
-    from pipelines.g2p_pyfunc import OUTPUT_COLUMNS, G2PModel
-
-    model = G2PModel()
-    try:
-        model.load_context(SimpleNamespace(artifacts=dict(artifacts), model_config=dict(info)))
-        out = model.predict(None, example)
-    except Exception as e:
-        raise ValueError(f"register: the model in {artifacts['generator']!r} (judge: {artifacts.get('judge')!r}) "
-                         f"does not load or predict with this code: {type(e).__name__}: {e}") from e
-    if list(out.columns) != list(OUTPUT_COLUMNS) or len(out) != int(example["n"].sum()):
-        raise ValueError(f"register: the input example gave {len(out)} rows with columns {list(out.columns)}")
-    return out
-
-
 def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: Mapping[str, float],
                   promote: PromoteSection, info: Mapping[str, Any], run_id: str) -> dict[str, str]:
     tags = {k: v for k, v in lineage.items() if not k.startswith("mlflow.") and not re.match(r"params\.\w+\.sha", k)}
@@ -321,8 +228,8 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
     with tempfile.TemporaryDirectory() as tmp:
         code_paths, g2p_sha, serving_sha = None, None, None
         if section.bundle_code:
-            pkg, g2p_sha = _bundle_g2p(Path(tmp) / "code")
-            spkg, serving_sha = _bundle_serving(Path(tmp) / "code")
+            pkg, g2p_sha = bundle_g2p(Path(tmp) / "code")
+            spkg, serving_sha = bundle_serving(Path(tmp) / "code")
             code_paths = [str(pkg), str(spkg)]
         info = {
             "model_name": section.model_name, "model_version": None,
@@ -335,7 +242,7 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
         artifacts = {"generator": str(gen_dir), "metrics": str(metrics_path)}
         if has_judge:
             artifacts["judge"] = str(judge_dir)
-        signature, example = _signature_and_example(example_barcode(), section.example_steps)
+        signature, example = signature_and_example(example_barcode(), section.example_steps)
         preflight(artifacts, info, example)  # MLflow only warns when the example fails: fail here instead
         cfg = {"register": asdict(section), "promote": asdict(promote_section)}
         with tracking.start_stage_run("register", cfg, root, log_system_metrics=False) as run:
@@ -352,7 +259,7 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
             model_info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_FILE), artifacts=artifacts, code_paths=code_paths,
                 signature=signature, input_example=example, model_config=info,
-                pip_requirements=_pip_requirements(), registered_model_name=section.model_name)
+                pip_requirements=pip_requirements(), registered_model_name=section.model_name)
             version = str(model_info.registered_model_version)
             client.set_registered_model_alias(section.model_name, CHALLENGER, version)
             for k, v in _version_tags(lineage, metrics, flat, promote_section, info, run_id).items():
