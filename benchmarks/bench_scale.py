@@ -75,13 +75,16 @@ def grow_root(pool: Path, out: Path, n: int) -> None:
 
 
 class PeakRSS:
-    """Peak RSS of a process and of the largest process among its descendants, sampled."""
+    """Peak RSS of a process and of the largest process among its descendants, sampled; and the
+    largest descendant's peak private memory (RSS less its shared pages: a Ray worker's RSS also
+    counts the object store's shared-memory pages it has mapped, which belong to the store)."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         import psutil
 
         self.proc, self.every = psutil.Process(pid), every
-        self.driver = self.worker = 0
+        self.driver = self.worker = self.private = 0
+        self.worker_name = ""  # the process name of the largest descendant (a Ray worker, raylet, GCS...)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -94,17 +97,20 @@ class PeakRSS:
                 self.driver = max(self.driver, self.proc.memory_info().rss)
                 for c in self.proc.children(recursive=True):
                     try:
-                        self.worker = max(self.worker, c.memory_info().rss)
+                        m = c.memory_info()
+                        if m.rss > self.worker:
+                            self.worker, self.worker_name = m.rss, c.name()
+                        self.private = max(self.private, m.rss - m.shared)
                     except psutil.Error:
                         pass
             except psutil.Error:
                 return
             time.sleep(self.every)
 
-    def stop(self) -> tuple[float, float]:
+    def stop(self) -> tuple[float, float, float]:
         self._stop.set()
         self._t.join()
-        return self.driver / 2**30, self.worker / 2**30
+        return self.driver / 2**30, self.worker / 2**30, self.private / 2**30
 
 
 def phase(name: str, cmd: list[str], cwd: Path, env: dict[str, str], records: int) -> dict:
@@ -113,22 +119,24 @@ def phase(name: str, cmd: list[str], cwd: Path, env: dict[str, str], records: in
     peak = PeakRSS(p.pid)
     out, _ = p.communicate()
     wall = time.perf_counter() - t0
-    driver, worker = peak.stop()
+    driver, worker, private = peak.stop()
     if p.returncode:
         raise RuntimeError(f"{name} failed ({p.returncode}):\n{out[-4000:]}")
     row = {"phase": name, "records": records, "wall_s": round(wall, 1), "records_per_s": round(records / wall, 1),
            "ms_per_record": round(1000 * wall / records, 3), "driver_peak_gb": round(driver, 2),
-           "worker_peak_gb": round(worker, 2)}
+           "worker_peak_gb": round(worker, 2), "worker_private_peak_gb": round(private, 2),
+           "largest_process": peak.worker_name}
     print(json.dumps(row), flush=True)
     return row
 
 
-def params_for(work: Path, steps: int, workers: int, preset: str = "default") -> Path:
+def params_for(work: Path, steps: int, workers: int, preset: str = "default",
+               object_store_gb: float | None = None) -> Path:
     raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", preset],
                                         capture_output=True, text=True, check=True).stdout)
     raw["validate"]["max_reject_fraction"] = 1.0  # the grown root repeats barcodes; measure, do not gate
     raw["train_diffusion"].update(steps=steps, log_every=10, checkpoint_every=steps)
-    raw["ray"].update(num_workers=workers, storage_path=str(work / "ray"))
+    raw["ray"].update(num_workers=workers, storage_path=str(work / "ray"), object_store_gb=object_store_gb)
     path = work / f"params-{preset}-{workers}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -152,7 +160,8 @@ PHASES = ("validate", "prepare", "encode_latents", "train_diffusion")
 
 
 def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
-             phases: tuple[str, ...] = PHASES, preset: str = "default") -> list[dict]:
+             phases: tuple[str, ...] = PHASES, preset: str = "default",
+             object_store_gb: float | None = None) -> list[dict]:
     """The chosen ``phases`` at ``n`` records, in order; a phase reads the previous one's output from
     ``work`` (so ``--phases encode_latents`` reuses an earlier run's ``prep<n>``). Outputs of another
     ``preset`` than ``default`` (its image size, VAE and UNet) carry its name: ``prep<n>-tiny``."""
@@ -163,7 +172,7 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
         grow_root(pool, root, n)
         grown = True
         print(f"scale: grew a {n}-record root in {time.perf_counter() - t0:.0f} s", flush=True)
-    params = params_for(work, steps, 2, preset)
+    params = params_for(work, steps, 2, preset, object_store_gb)
     py = [sys.executable, "-m"]
     model = model_dir(work, preset)
     rows = []
@@ -197,12 +206,13 @@ def run_size(pool: Path, work: Path, n: int, steps: int, env: dict[str, str],
     return rows
 
 
-def workers_compare(work: Path, n: int, steps: int, env: dict[str, str], preset: str = "default") -> list[dict]:
+def workers_compare(work: Path, n: int, steps: int, env: dict[str, str], preset: str = "default",
+                    object_store_gb: float | None = None) -> list[dict]:
     """1 vs 2 Ray workers streaming the same latents, alternated twice; median steady samples/s each."""
     out = []
     for rep in range(2):
         for w in (1, 2):
-            params = params_for(work, steps, w, preset)
+            params = params_for(work, steps, w, preset, object_store_gb)
             name = tagged(work, f"w{w}-{rep}", preset).name
             phase(f"train_diffusion_{w}_workers", [sys.executable, "-m", "pipelines.ray_train", "--stage",
                                                    "train_diffusion", "--data", str(tagged(work, f"lat{n}", preset)
@@ -285,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", choices=("tiny", "default"),
                    help="the model preset of every phase (image size, VAE, UNet): tiny measures the data path "
                         "at 200 k records in minutes rather than the hour the default VAE takes on 2 cores")
+    p.add_argument("--object-store-gb", type=float, default=None,
+                   help="ray.object_store_gb of every phase's local Ray (default: Ray's, 30%% of memory)")
     a = p.parse_args(argv)
     sizes, steps = ([2000], 20) if a.quick else (a.sizes, a.steps)
     work = Path(a.work or tempfile.mkdtemp(prefix="g2p-scale-"))
@@ -303,21 +315,24 @@ def main(argv: list[str] | None = None) -> int:
         results["pretrain"] = run_pretrain(work, env)
     elif not a.workers_only:
         for n in sizes:
-            results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases), a.preset)
+            results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases), a.preset, a.object_store_gb)
         if len(sizes) >= 2:
             lo, hi = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
             for a_, b_ in zip(lo, hi):
                 peak = max(b_["driver_peak_gb"], b_["worker_peak_gb"]) / max(1e-9, max(a_["driver_peak_gb"],
                                                                                         a_["worker_peak_gb"]))
-                print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f}, "
+                private = max(b_["driver_peak_gb"], b_["worker_private_peak_gb"]) / max(
+                    1e-9, max(a_["driver_peak_gb"], a_["worker_private_peak_gb"]))
+                print(f"scale: {a_['phase']}: {sizes[-1]} vs {sizes[0]} records: peak memory x{peak:.2f} "
+                      f"(private, without the object store's pages: x{private:.2f}), "
                       f"time per record x{b_['ms_per_record'] / max(1e-9, a_['ms_per_record']):.2f}")
     else:
         n = sizes[0]
         if not (tagged(work, f"lat{n}", a.preset) / "train" / "manifest.json").exists():  # made if missing
             have_prep = (tagged(work, f"prep{n}", a.preset) / "train").exists()
             run_size(pool, work, n, steps, env, ("encode_latents",) if have_prep
-                     else ("validate", "prepare", "encode_latents"), a.preset)
-        results["workers"] = workers_compare(work, sizes[0], steps, env, a.preset)
+                     else ("validate", "prepare", "encode_latents"), a.preset, a.object_store_gb)
+        results["workers"] = workers_compare(work, sizes[0], steps, env, a.preset, a.object_store_gb)
     (work / "scale.json").write_text(json.dumps(results, indent=2))
     print(f"scale: results in {work / 'scale.json'}")
     return 0

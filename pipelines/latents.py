@@ -150,18 +150,14 @@ def _downsample(vae: Any) -> int:
 
 def encode_latents(model_dir: str | Path, prepared: str | Path, out: str | Path, *, storage_path: str = "outputs/ray",
                    use_gpu: bool = False, batch_size: int = 64, groups: tuple[str, ...] = GROUPS,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, object_store_gb: float | None = None) -> dict[str, Any]:
     import shutil
-
-    import ray.data
 
     from g2p.model import G2PDiffusion
     from pipelines.ray_train import ensure_ray
 
-    ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = progress
+    ensure_ray(object_store_gb=object_store_gb)
+    shards.data_context(progress=progress, preserve_order=True)
     vae = G2PDiffusion.from_pretrained(model_dir).vae.eval()
     out = Path(out)
     if out.exists():
@@ -188,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     section = load_ray_section(a.params)
     summary = encode_latents(a.model, a.prepared, a.out, storage_path=section.storage_path, use_gpu=section.use_gpu,
-                             batch_size=a.batch_size, groups=tuple(a.groups), progress=not a.quiet)
+                             batch_size=a.batch_size, groups=tuple(a.groups), progress=not a.quiet,
+                             object_store_gb=section.object_store_gb)
     print(json.dumps({g: {"rows": m["rows"], "location": m["location"]} for g, m in summary.items()}))
     return 0
 

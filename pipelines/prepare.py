@@ -2,10 +2,10 @@
 
 Reads ``valid.parquet`` (the records ``validate`` let through) as a Ray
 dataset in blocks sized from the data (:func:`pipelines.shards.num_blocks`:
-about 32 MB each, at least two per CPU of the cluster), decodes and resizes
+about 8 MB each, at least two per CPU of the cluster), decodes and resizes
 the images of the image splits to ``vae.image_size`` in ``map_batches``
 tasks spread over the cluster, and writes each split group as a sharded
-dataset (:mod:`pipelines.shards`: Parquet files of about 128 MB, metadata as
+dataset (:mod:`pipelines.shards`: Parquet files of about 32 MB, metadata as
 columns, images as raw uint8 bytes). No process ever holds a whole split:
 blocks stream from the reader through the decoders into the writers.
 
@@ -114,7 +114,8 @@ def _clear(path: str) -> None:
 
 
 def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: int,
-            storage_path: str = "outputs/ray", progress: bool = True) -> dict[str, Any]:
+            storage_path: str = "outputs/ray", progress: bool = True,
+            object_store_gb: float | None = None) -> dict[str, Any]:
     """Write ``out/<group>/`` (a sharded dataset) for every split group; a summary."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -123,10 +124,8 @@ def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: in
     from pipelines.ray_train import ensure_ray
 
     t0 = time.perf_counter()
-    ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # blocks in input order where Ray Data keeps it
-    ctx.enable_progress_bars = progress
+    ensure_ray(object_store_gb=object_store_gb)
+    shards.data_context(progress=progress, preserve_order=True)  # blocks in input order where Ray Data keeps it
     valid, out = Path(valid), Path(out)
     schema = pq.read_schema(valid)
     columns = [c for c in READ_COLUMNS if c in schema.names]
@@ -194,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
     a = p.parse_args(argv)
     cfg = load_params(a.params)
-    summary = prepare(a.valid, a.root, a.out, cfg.vae.image_size, load_ray_section(a.params).storage_path,
-                      progress=not a.quiet)
+    section = load_ray_section(a.params)
+    summary = prepare(a.valid, a.root, a.out, cfg.vae.image_size, section.storage_path, progress=not a.quiet,
+                      object_store_gb=section.object_store_gb)
     print(json.dumps(summary))
     return 0
 

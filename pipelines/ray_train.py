@@ -80,6 +80,10 @@ class RaySection:
     and the BERT conditioner. ``checkpoints_to_keep`` bounds disk (0 = all).
     ``report_interval_s``: metrics-only ``ray.train.report`` calls at most this
     often (0 = every log step; see the module docstring for why).
+    ``object_store_gb`` sizes the object store of a Ray this process starts
+    (None: Ray's default, 30% of memory); a cluster's is set by ``ray start
+    --object-store-memory`` on each node. Ray Data streams through it, so it,
+    not the data set, bounds the shared memory a stage maps.
     """
 
     num_workers: int = 2
@@ -92,12 +96,14 @@ class RaySection:
     gradient_checkpointing: bool = False
     checkpoints_to_keep: int = 0
     report_interval_s: float = 1.0
+    object_store_gb: float | None = None
 
     def __post_init__(self) -> None:
         for key, ok in (("num_workers", self.num_workers >= 1), ("cpus_per_worker", self.cpus_per_worker >= 1),
                         ("gpus_per_worker", self.gpus_per_worker >= 0), ("max_failures", self.max_failures >= -1),
                         ("checkpoints_to_keep", self.checkpoints_to_keep >= 0),
                         ("report_interval_s", self.report_interval_s >= 0),
+                        ("object_store_gb", self.object_store_gb is None or self.object_store_gb >= 0.1),
                         ("storage_path", bool(self.storage_path))):
             if not ok:
                 raise ConfigError(f"ray.{key}: invalid value {getattr(self, key)!r}")
@@ -121,8 +127,9 @@ def load_ray_section(path: str | Path = "params.yaml") -> RaySection:
 # ----------------------------------------------------------------------------
 
 
-def ensure_ray(num_cpus: int | None = None) -> float:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine; seconds taken.
+def ensure_ray(num_cpus: int | None = None, object_store_gb: float | None = None) -> float:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine (its object store
+    ``object_store_gb``, default Ray's); seconds taken.
 
     The dashboard is on (on a free port): Train V2's placement-group cleaner
     polls the state API it serves and warns every 10 s without it.
@@ -146,7 +153,8 @@ def ensure_ray(num_cpus: int | None = None) -> float:
         for attempt in range(START_ATTEMPTS):
             try:
                 ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + DATA_CPUS, include_dashboard=True,
-                         dashboard_port=port, logging_level=logging.WARNING)
+                         dashboard_port=port, logging_level=logging.WARNING,
+                         object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None)
                 break
             except Exception as e:  # Ray waits a fixed 30 s for its raylet; an overloaded machine can miss it
                 if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS - 1:
@@ -211,7 +219,7 @@ def run_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str, in
     if stage not in STAGES:
         raise ValueError(f"stage: {stage!r} is not one of {STAGES}")
     os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)  # read by the controller (and sent in a cluster's runtime_env)
-    ensure_ray()
+    ensure_ray(object_store_gb=scaling.object_store_gb)
     storage = st.resolve(storage_path or scaling.storage_path)
     log_path = st.join(storage, run_name, LOG_NAME)
     view, datasets = stream.stage_input(stage, data, scaling, cfg)

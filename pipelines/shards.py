@@ -39,8 +39,13 @@ from pipelines import storage
 FORMAT = "g2p-shards/1"
 MANIFEST = "manifest.json"
 META_COLUMNS = ["processid", "species", "barcode", "lat", "lon", "has_place"]
-TARGET_FILE_BYTES = 128 << 20  # a Parquet file of about 128 MB
-TARGET_BLOCK_BYTES = 32 << 20  # a Ray Data block of about 32 MB
+# What a task holds at once is sized by these, not by the data set: a writer
+# buffers up to a file, a reader or mapper a block or two. Small enough that
+# 20 k synthetic records already fill them (so peak memory is flat from there
+# up), large enough for object stores (a 256 px BIOSCAN-5M train split is
+# ~1,800 files) and for Ray Data's per-block overhead (40 images at 256 px).
+TARGET_FILE_BYTES = 32 << 20  # a Parquet file of about 32 MB
+TARGET_BLOCK_BYTES = 8 << 20  # a Ray Data block of about 8 MB
 SMALL_BYTES = 512 << 20  # a data set this small may be held in the object store (see ray_dataset)
 
 
@@ -71,6 +76,18 @@ def num_blocks(rows: int, per_row: int, cpus: int) -> int:
     """Blocks for ``rows`` rows: about TARGET_BLOCK_BYTES each, and at least two per CPU (parallelism)."""
     by_size = -(-rows * per_row // TARGET_BLOCK_BYTES)
     return int(max(1, min(rows, max(2 * cpus, by_size))))
+
+
+def data_context(*, progress: bool = False, preserve_order: bool = False) -> Any:
+    """This driver's Ray Data context, set for our stages (tasks inherit it): blocks split at
+    TARGET_BLOCK_BYTES (Ray's default, 128 MB, would let a map task's output grow to that)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = TARGET_BLOCK_BYTES
+    ctx.execution_options.preserve_order = preserve_order
+    ctx.enable_progress_bars = progress
+    return ctx
 
 
 def cluster_cpus() -> int:

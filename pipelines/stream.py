@@ -53,8 +53,6 @@ def stage_input(stage: str, data: str | Path, scaling: RaySection, cfg: G2PConfi
     over the whole pass, and every pass again. The rows a stage takes after
     its steps (:func:`tail_rows`) count too.
     """
-    import ray.data
-
     from pipelines import shards
 
     tcfg: TrainConfig = getattr(cfg, stage)
@@ -70,7 +68,7 @@ def stage_input(stage: str, data: str | Path, scaling: RaySection, cfg: G2PConfi
     if cpus - scaling.num_workers * scaling.cpus_per_worker < 1:  # else Ray Data's readers wait forever
         raise ConfigError(f"ray.num_workers: {scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs hold "
                           f"all {cpus} CPUs of the cluster; streaming the data needs at least one CPU besides them")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the step log shows progress
+    shards.data_context()  # no bars: the step log shows progress
     need = tcfg.steps * tcfg.batch_size + tail_rows(stage, cfg) * scaling.num_workers
     repeats = int(min(64, max(1, -(-need // max(1, m["rows"])))))
     per_row = shards.row_bytes(m.get("image_size") if stage == "train_vae" else None,

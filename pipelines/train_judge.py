@@ -183,7 +183,7 @@ def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: 
 
     if stage not in GRADER_STAGES:
         raise ValueError(f"stage: {stage!r} is not one of {GRADER_STAGES}")
-    ensure_ray()
+    ensure_ray(object_store_gb=scaling.object_store_gb)
     os.environ.setdefault(POLL_ENV, DEFAULT_POLL_S)
     storage = Path(storage_path or scaling.storage_path).resolve()
     log_path = storage / run_name / LOG_NAME

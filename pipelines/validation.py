@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import io
 import resource
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,8 +61,9 @@ from pipelines.image_check import IMAGE_SAMPLE_SEED, check_images, eligible_rows
 TEXT_COLUMNS = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split", "chunk")
 REQUIRED = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split")
 ID_COLUMNS = ("processid", "split", "chunk")  # what the first pass reads
-_BLOCK = 16 << 20  # CSV bytes per streamed block
-_SLICE = 1 << 18  # records per written row group
+_BLOCK = 4 << 20  # CSV bytes per streamed block (what the derive pipeline holds is a few of them)
+_AHEAD = 2  # blocks the CSV reader may read beyond those taken
+_SLICE = 1 << 15  # records per written row group (a writer buffers up to one: ~25 MB)
 
 
 class ValidationFailed(RuntimeError):
@@ -87,8 +90,7 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
         timings[name], clock = round(now - clock, 2), now
         peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
 
-    reader = open_metadata(root)  # checks the columns before anything slow
-    ids = read_ids(root, reader.schema.names)
+    ids = read_ids(root, metadata_columns(root))  # checks the columns before anything slow
     n = ids.num_rows
     d: dict[str, Any] = {"masks": {}}
     id_and_split_rules(ids, d)
@@ -106,7 +108,8 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
     del ids
 
     rules = build_rules(cfg)
-    rejected, has_place = derive_and_write(reader, cfg, d, rules, out, n, progress)
+    with MetadataStream(root) as stream:  # opened only now: nothing is read ahead meanwhile
+        rejected, has_place = derive_and_write(stream, cfg, d, rules, out, n, progress)
     lap("read_rules_and_write")
     suite = run_suite(derived_frame(d, cfg.check_images), rules, out / "data_docs")
     lap("great_expectations")
@@ -128,27 +131,110 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
     return summary
 
 
-def open_metadata(root: Path) -> pacsv.CSVStreamingReader:
-    """The metadata CSV as a stream of blocks; the required columns must be there."""
-    reader = pacsv.open_csv(
-        metadata_path(root), read_options=pacsv.ReadOptions(block_size=_BLOCK),
-        convert_options=pacsv.ConvertOptions(column_types=arrow_types(TEXT_COLUMNS), strings_can_be_null=True),
-    )
-    missing = [c for c in REQUIRED if c not in reader.schema.names]
-    if missing:
-        raise ValueError(f"{metadata_path(root)}: missing column(s) {missing}")
-    return reader
+class _Gate(io.RawIOBase):
+    """A file Arrow may read at most ``ahead`` bytes beyond what :meth:`advance` has allowed."""
+
+    def __init__(self, path: Path, ahead: int) -> None:
+        super().__init__()
+        self._f, self._pos, self._allowed = open(path, "rb"), 0, ahead
+        self._cond, self._done = threading.Condition(), False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:  # called from Arrow's IO thread
+        with self._cond:
+            while self._pos >= self._allowed and not self._done:
+                self._cond.wait()
+            if self._done:
+                return 0
+        n = self._f.readinto(b)
+        with self._cond:
+            self._pos += n
+        return n
+
+    def advance(self, nbytes: int) -> None:
+        with self._cond:
+            self._allowed += nbytes
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Every read from now on returns end-of-file (a reader waiting at the gate goes on)."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.stop()
+        self._f.close()
+        super().close()
+
+
+class MetadataStream:
+    """The metadata CSV as record batches of about ``_BLOCK`` bytes, read ahead at most ``_AHEAD``
+    blocks; the required columns must be there. Use it as a context manager.
+
+    Arrow's CSV streaming reader reads its input ahead without bound on a
+    background thread: left open, or consumed slower than it parses (as the
+    rules and writers consume it), it buffers the whole file (measured: all
+    341 MB of a 400 k-record CSV within 2 s, ``use_threads=False`` too). Here
+    it reads through a gate that lets it get ``_AHEAD`` blocks beyond the
+    batches taken (15-38 MB allocated on that file)."""
+
+    def __init__(self, root: Path, columns: list[str] | None = None) -> None:
+        """``columns``: read only these (types as ``arrow_types`` gives them); default all, text as text."""
+        self.path = metadata_path(root)
+        self._gate = _Gate(self.path, _AHEAD * _BLOCK)
+        convert = pacsv.ConvertOptions(column_types=arrow_types(TEXT_COLUMNS), strings_can_be_null=True) \
+            if columns is None else pacsv.ConvertOptions(include_columns=columns, column_types=arrow_types(columns),
+                                                        strings_can_be_null=True)
+        try:
+            self._reader = pacsv.open_csv(self._gate, read_options=pacsv.ReadOptions(block_size=_BLOCK),
+                                          convert_options=convert)
+        except BaseException:
+            self._gate.close()
+            raise
+        self.schema = self._reader.schema
+        missing = [c for c in REQUIRED if c not in self.schema.names] if columns is None else []
+        if missing:
+            self.close()
+            raise ValueError(f"{self.path}: missing column(s) {missing}")
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        for batch in self._reader:
+            self._gate.advance(_BLOCK)
+            yield batch
+
+    def close(self) -> None:
+        self._gate.stop()  # first: the reader's IO thread may be waiting at the gate
+        self._reader.close()
+        self._gate.close()
+
+    def __enter__(self) -> MetadataStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def metadata_columns(root: Path) -> list[str]:
+    """The metadata CSV's column names (the required ones checked)."""
+    with MetadataStream(root) as m:
+        return list(m.schema.names)
 
 
 def read_ids(root: Path, names: list[str]) -> pa.Table:
-    """The first pass: only ``processid``, ``split`` and ``chunk`` (where present), every record."""
-    return pacsv.read_csv(metadata_path(root), read_options=pacsv.ReadOptions(block_size=_BLOCK),
-                          convert_options=pacsv.ConvertOptions(
-                              include_columns=[c for c in ID_COLUMNS if c in names],
-                              column_types=arrow_types(ID_COLUMNS), strings_can_be_null=True))
+    """The first pass: only ``processid``, ``split`` and ``chunk`` (where present), every record.
+
+    Each block's columns are copied out (``take``): a column the CSV reader
+    converts keeps its whole parse block alive, the barcodes included (74 MB
+    held for 200 k records' 6 MB of ids)."""
+    with MetadataStream(root, [c for c in ID_COLUMNS if c in names]) as stream:
+        blocks = [b.take(pa.array(np.arange(b.num_rows))) for b in stream]
+        return pa.Table.from_batches(blocks, schema=stream.schema)
 
 
-def derive_and_write(reader: pacsv.CSVStreamingReader, cfg: ValidateConfig, d: dict[str, Any], rules: list[Rule],
+def derive_and_write(reader: MetadataStream, cfg: ValidateConfig, d: dict[str, Any], rules: list[Rule],
                      out: Path, n: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The second pass: per block, the barcode and coordinate rules, then its kept and rejected records
     written out. Adds the blocks' derived columns and masks to ``d`` (whose whole-file masks, known
@@ -183,7 +269,7 @@ def derive_and_write(reader: pacsv.CSVStreamingReader, cfg: ValidateConfig, d: d
     return np.concatenate(rejected), np.concatenate(has_place)
 
 
-def derived_blocks(reader: pacsv.CSVStreamingReader, rules: BarcodeRules) -> Iterator[tuple[pa.Table, dict]]:
+def derived_blocks(reader: MetadataStream, rules: BarcodeRules) -> Iterator[tuple[pa.Table, dict]]:
     """Each block of the stream, in order, with its barcode normalised (source text kept where it
     changed: ``_raw``, or, for a read merely trimmed past 660 nt, just the trimmed ``_tail``; a quarter
     of a synthetic 5M table is trimmed) and its derived columns and masks, keyed as the suite names them.

@@ -199,10 +199,10 @@ def test_ray_image_check_matches_the_per_record_function(crafted) -> None:
     from g2p.data.bioscan import record_image_relpath
     from g2p.data.layout import SPLITS
     from pipelines.image_check import check_images, eligible_rows, image_status, num_blocks
-    from pipelines.validation import open_metadata, read_ids
+    from pipelines.validation import metadata_columns, read_ids
 
     root, _, _ = crafted
-    ids = read_ids(root, open_metadata(root).schema.names)
+    ids = read_ids(root, metadata_columns(root))
     assert num_blocks(len(eligible_rows(ids)), 2) > 1
     got = check_images(root, ids, progress=False)
     want = [image_status(root / record_image_relpath(p, s, c)) if p is not None and s in SPLITS else None
@@ -213,10 +213,10 @@ def test_ray_image_check_matches_the_per_record_function(crafted) -> None:
 
 def test_image_sample_checks_a_seeded_subset_only(crafted, tmp_path: Path) -> None:
     from pipelines.image_check import eligible_rows, num_blocks, sample_rows
-    from pipelines.validation import open_metadata, read_ids
+    from pipelines.validation import metadata_columns, read_ids
 
     root, expect, df = crafted
-    ids = read_ids(root, open_metadata(root).schema.names)
+    ids = read_ids(root, metadata_columns(root))
     rows = sample_rows(eligible_rows(ids), 12)
     assert rows.tolist() == sample_rows(eligible_rows(ids), 12).tolist() and len(set(rows.tolist())) == 12
     s = validate_root(root, tmp_path, ValidateConfig(max_reject_fraction=1.0, image_sample=12), progress=False)
@@ -235,3 +235,49 @@ def test_image_sample_checks_a_seeded_subset_only(crafted, tmp_path: Path) -> No
                                progress=False)
     assert not everything["images"]["sample"] and everything["images_checked"] == len(eligible_rows(ids))
     assert [num_blocks(n, 2) for n in (0, 10, 40, 10**6)] == [1, 1, 3, 8] and num_blocks(10**6, 64) == 256
+
+
+def test_metadata_stream_reads_ahead_a_bounded_amount(tmp_path: Path) -> None:
+    """Arrow's own streaming CSV reader, left unread, buffers the whole file; ours holds a few blocks,
+    and its batches are the file's rows, in order, typed as the one-shot reader types them."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from g2p.data.bioscan import arrow_types
+    from pipelines import validation as v
+
+    n = 60_000
+    df = pd.DataFrame({"processid": [f"P{i:07d}" for i in range(n)], "split": "pretrain",
+                       "dna_barcode": "ACGT" * 165, "coord-lat": "1.5", "coord-lon": "", "chunk": "x"})
+    path = tmp_path / METADATA_RELPATH
+    path.parent.mkdir(parents=True)
+    df.to_csv(path, index=False)
+    size = path.stat().st_size
+    assert size > 9 * v._BLOCK  # 41 MB
+
+    def held_after_one_batch(open_reader) -> int:
+        before = pa.total_allocated_bytes()
+        reader = open_reader()
+        next(iter(reader))
+        time.sleep(1.0)
+        held = pa.total_allocated_bytes() - before
+        reader.close()
+        return held
+
+    plain = held_after_one_batch(lambda: pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=v._BLOCK)))
+    assert plain > size // 2  # the behaviour the gate exists for
+    assert held_after_one_batch(lambda: v.MetadataStream(tmp_path)) < (v._AHEAD + 3) * v._BLOCK
+    with v.MetadataStream(tmp_path) as stream:
+        got = pa.Table.from_batches(list(stream))
+    want = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=arrow_types(v.TEXT_COLUMNS),
+                                                                      strings_can_be_null=True))
+    assert got.equals(want)
+    assert v.read_ids(tmp_path, v.metadata_columns(tmp_path)).column("processid").to_pylist() == \
+        df["processid"].tolist()
+    df.drop(columns=["coord-lat"]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['coord-lat'\]"):
+        v.metadata_columns(tmp_path)
+    assert np.all(got.column("split").to_numpy(zero_copy_only=False) == "pretrain")

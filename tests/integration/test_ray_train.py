@@ -81,10 +81,22 @@ def ray_local():
 
     from pipelines.ray_train import ensure_ray
 
+    if ray.is_initialized():  # another module's Ray: start ours, with its object store size
+        ray.shutdown()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ensure_ray(num_cpus=3)  # two training workers + one CPU for Ray Data's streaming readers
+    # two training workers + one CPU for Ray Data's streaming readers; ray.object_store_gb's cap
+    ensure_ray(num_cpus=3, object_store_gb=OBJECT_STORE_GB)
     yield
     ray.shutdown()
+
+
+OBJECT_STORE_GB = 0.75
+
+
+def test_local_ray_object_store_is_the_configured_size(ray_local) -> None:
+    import ray
+
+    assert ray.cluster_resources()["object_store_memory"] == pytest.approx(OBJECT_STORE_GB * 2**30, rel=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +218,9 @@ def test_ray_section_is_strict_and_read_from_params_yaml(tmp_path: Path) -> None
         ray_section({"num_workers": "2"})
     with pytest.raises(ConfigError, match=r"ray\.num_workers"):
         ray_section({"num_workers": 0})
+    with pytest.raises(ConfigError, match=r"ray\.object_store_gb.*0\.01"):
+        ray_section({"object_store_gb": 0.01})
+    assert ray_section({"object_store_gb": 2}).object_store_gb == 2
     p = tmp_path / "params.yaml"
     p.write_text("ray:\n  max_failures: 5\n  bf16: false\n")
     assert load_ray_section(p) == RaySection(max_failures=5, bf16=False)
