@@ -155,8 +155,13 @@ def prepare(valid: str | Path, root: str | Path, out: str | Path, image_size: in
         except OSError as e:
             raise storage.StorageError(f"{source}: uploading {valid} failed: storage unreachable ({e})") from None
         source = path
+    # Ray Data's Parquet reader sizes blocks by the records' bytes (~8 MB of metadata, 10 k records),
+    # whatever override_num_blocks asks; a decode task would then make 10 k images (2 GB at 256 px) and
+    # a small data set would decode in 2 tasks. Split them, streaming, to the rows `blocks` gives.
+    rows_per_block = max(16, -(-n // blocks))
     ds = ray.data.read_parquet(source, filesystem=source_fs, columns=columns, override_num_blocks=blocks)
-    decoded = ds.map_batches(_rows, batch_format="pandas", batch_size=max(16, -(-n // blocks)),
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    decoded = ds.map_batches(_rows, batch_format="pandas", batch_size=rows_per_block,
                              fn_kwargs={"root": storage.resolve(root), "size": image_size})
     try:
         decoded.write_parquet(target, filesystem=fs, partition_cols=["group"],
