@@ -248,7 +248,7 @@ def pretrain_only(valid: Path, out: Path) -> int:
     return n
 
 
-def run_pretrain(work: Path, env: dict[str, str]) -> list[dict]:
+def run_pretrain(work: Path, env: dict[str, str], object_store_gb: float | None = None) -> list[dict]:
     """validate + prepare of BIOSCAN-5M's pretrain split (metadata of ``--preset large``), each in its own process."""
     root = work / "large"
     if not (root / "bioscan5m").exists():
@@ -259,7 +259,7 @@ def run_pretrain(work: Path, env: dict[str, str]) -> list[dict]:
     raw = yaml.safe_load(subprocess.run([str(BIN / "g2p"), "config", "dump", "--preset", "default"],
                                         capture_output=True, text=True, check=True).stdout)
     raw["validate"].update(check_images=False, max_reject_fraction=1.0)  # no images in a metadata-only root
-    raw["ray"].update(storage_path=str(work / "ray"))
+    raw["ray"].update(storage_path=str(work / "ray"), object_store_gb=object_store_gb)
     params = work / "params-pretrain.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     import pyarrow.parquet as pq
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--quiet"], check=True, env=env, stdout=subprocess.DEVNULL)
     results: dict = {"sizes": {}}
     if a.pretrain:
-        results["pretrain"] = run_pretrain(work, env)
+        results["pretrain"] = run_pretrain(work, env, a.object_store_gb)
     elif not a.workers_only:
         for n in sizes:
             results["sizes"][n] = run_size(pool, work, n, steps, env, tuple(a.phases), a.preset, a.object_store_gb)
