@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipelines import shards, storage
 
@@ -61,7 +62,15 @@ def _open_image(root: str, relpath: str, size: int) -> np.ndarray:
 GROUPS = {**{g: (s, True) for g, s in IMAGE_GROUPS.items()}, **{g: (s, False) for g, s in BARCODE_GROUPS.items()}}
 
 
-def _rows(batch: pd.DataFrame, root: str, size: int) -> pd.DataFrame:
+# What a decode task returns, typed: blocks made from pandas frames would
+# type their strings by what each frame holds, and the writer refuses to
+# merge blocks that differ ("processid: string vs large_string").
+ROW_SCHEMA = pa.schema([("processid", pa.string()), ("species", pa.string()), ("barcode", pa.string()),
+                        ("lat", pa.float32()), ("lon", pa.float32()), ("has_place", pa.bool_()),
+                        ("image", pa.binary()), ("group", pa.string())])
+
+
+def _rows(batch: pd.DataFrame, root: str, size: int) -> pa.Table:
     """One Ray Data batch -> its rows of every group (a record may be in two), images decoded at ``size``.
 
     One pass over ``valid.parquet`` writes every group: the ``group`` column
@@ -84,7 +93,7 @@ def _rows(batch: pd.DataFrame, root: str, size: int) -> pd.DataFrame:
         else:
             cols["image"] = np.full(len(rows), None, dtype=object)
         parts.append(pd.DataFrame({**cols, "group": group}))
-    return pd.concat(parts, ignore_index=True)
+    return pa.Table.from_pandas(pd.concat(parts, ignore_index=True), schema=ROW_SCHEMA, preserve_index=False)
 
 
 def bytes_per_input_row(split_counts: dict[str, int], image_size: int) -> int:
