@@ -7,7 +7,7 @@ Python except rejected records):
    whole-file rules (processid present and unique, split known) and the
    image check, a Ray Data job (:mod:`pipelines.image_check`; all images, or
    ``image_sample`` of them);
-2. the metadata streams in blocks; per block, :mod:`g2p.data.normalise`
+2. the metadata streams in blocks (:mod:`pipelines.metadata_csv`); per block, :mod:`g2p.data.normalise`
    normalises barcodes and reads coordinates (the one home of those rules),
    giving derived per-record columns and a row mask per rule; with every mask
    of the block known, its kept records go to ``valid.parquet`` and its
@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import io
 import resource
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,21 +46,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from g2p.config import ValidateConfig
-from g2p.data.bioscan import arrow_types, metadata_path, record_image_relpath
+from g2p.data.bioscan import record_image_relpath
 from g2p.data.layout import SPLITS
 from g2p.data.normalise import MAX_NUCLEOTIDES, BarcodeRules, barcode_checks, coordinate_checks
 from pipelines.gx_suite import Rule, SuiteResult, build_rules, run_suite
+from pipelines.metadata_csv import MetadataStream, metadata_columns, read_ids
 from pipelines.image_check import IMAGE_SAMPLE_SEED, check_images, eligible_rows, image_status  # noqa: F401
 
-TEXT_COLUMNS = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split", "chunk")
-REQUIRED = ("processid", "dna_barcode", "coord-lat", "coord-lon", "split")
-ID_COLUMNS = ("processid", "split", "chunk")  # what the first pass reads
-_BLOCK = 4 << 20  # CSV bytes per streamed block (what the derive pipeline holds is a few of them)
-_AHEAD = 2  # blocks the CSV reader may read beyond those taken
 _SLICE = 1 << 15  # records per written row group (a writer buffers up to one: ~25 MB)
 
 
@@ -129,109 +122,6 @@ def validate_root(root: Path, out: Path, cfg: ValidateConfig, progress: bool = T
             f"max_reject_fraction {cfg.max_reject_fraction:.2%}); worst expectations: {worst}; "
             f"see {out / 'quarantine.parquet'} and {out / 'data_docs' / 'index.html'}", summary)
     return summary
-
-
-class _Gate(io.RawIOBase):
-    """A file Arrow may read at most ``ahead`` bytes beyond what :meth:`advance` has allowed."""
-
-    def __init__(self, path: Path, ahead: int) -> None:
-        super().__init__()
-        self._f, self._pos, self._allowed = open(path, "rb"), 0, ahead
-        self._cond, self._done = threading.Condition(), False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:  # called from Arrow's IO thread
-        with self._cond:
-            while self._pos >= self._allowed and not self._done:
-                self._cond.wait()
-            if self._done:
-                return 0
-        n = self._f.readinto(b)
-        with self._cond:
-            self._pos += n
-        return n
-
-    def advance(self, nbytes: int) -> None:
-        with self._cond:
-            self._allowed += nbytes
-            self._cond.notify_all()
-
-    def stop(self) -> None:
-        """Every read from now on returns end-of-file (a reader waiting at the gate goes on)."""
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        self.stop()
-        self._f.close()
-        super().close()
-
-
-class MetadataStream:
-    """The metadata CSV as record batches of about ``_BLOCK`` bytes, read ahead at most ``_AHEAD``
-    blocks; the required columns must be there. Use it as a context manager.
-
-    Arrow's CSV streaming reader reads its input ahead without bound on a
-    background thread: left open, or consumed slower than it parses (as the
-    rules and writers consume it), it buffers the whole file (measured: all
-    341 MB of a 400 k-record CSV within 2 s, ``use_threads=False`` too). Here
-    it reads through a gate that lets it get ``_AHEAD`` blocks beyond the
-    batches taken (15-38 MB allocated on that file)."""
-
-    def __init__(self, root: Path, columns: list[str] | None = None) -> None:
-        """``columns``: read only these (types as ``arrow_types`` gives them); default all, text as text."""
-        self.path = metadata_path(root)
-        self._gate = _Gate(self.path, _AHEAD * _BLOCK)
-        convert = pacsv.ConvertOptions(column_types=arrow_types(TEXT_COLUMNS), strings_can_be_null=True) \
-            if columns is None else pacsv.ConvertOptions(include_columns=columns, column_types=arrow_types(columns),
-                                                        strings_can_be_null=True)
-        try:
-            self._reader = pacsv.open_csv(self._gate, read_options=pacsv.ReadOptions(block_size=_BLOCK),
-                                          convert_options=convert)
-        except BaseException:
-            self._gate.close()
-            raise
-        self.schema = self._reader.schema
-        missing = [c for c in REQUIRED if c not in self.schema.names] if columns is None else []
-        if missing:
-            self.close()
-            raise ValueError(f"{self.path}: missing column(s) {missing}")
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        for batch in self._reader:
-            self._gate.advance(_BLOCK)
-            yield batch
-
-    def close(self) -> None:
-        self._gate.stop()  # first: the reader's IO thread may be waiting at the gate
-        self._reader.close()
-        self._gate.close()
-
-    def __enter__(self) -> MetadataStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def metadata_columns(root: Path) -> list[str]:
-    """The metadata CSV's column names (the required ones checked)."""
-    with MetadataStream(root) as m:
-        return list(m.schema.names)
-
-
-def read_ids(root: Path, names: list[str]) -> pa.Table:
-    """The first pass: only ``processid``, ``split`` and ``chunk`` (where present), every record.
-
-    Each block's columns are copied out (``take``): a column the CSV reader
-    converts keeps its whole parse block alive, the barcodes included (74 MB
-    held for 200 k records' 6 MB of ids)."""
-    with MetadataStream(root, [c for c in ID_COLUMNS if c in names]) as stream:
-        blocks = [b.take(pa.array(np.arange(b.num_rows))) for b in stream]
-        return pa.Table.from_batches(blocks, schema=stream.schema)
 
 
 def derive_and_write(reader: MetadataStream, cfg: ValidateConfig, d: dict[str, Any], rules: list[Rule],

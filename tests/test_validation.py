@@ -199,7 +199,7 @@ def test_ray_image_check_matches_the_per_record_function(crafted) -> None:
     from g2p.data.bioscan import record_image_relpath
     from g2p.data.layout import SPLITS
     from pipelines.image_check import check_images, eligible_rows, image_status, num_blocks
-    from pipelines.validation import metadata_columns, read_ids
+    from pipelines.metadata_csv import metadata_columns, read_ids
 
     root, _, _ = crafted
     ids = read_ids(root, metadata_columns(root))
@@ -213,7 +213,7 @@ def test_ray_image_check_matches_the_per_record_function(crafted) -> None:
 
 def test_image_sample_checks_a_seeded_subset_only(crafted, tmp_path: Path) -> None:
     from pipelines.image_check import eligible_rows, num_blocks, sample_rows
-    from pipelines.validation import metadata_columns, read_ids
+    from pipelines.metadata_csv import metadata_columns, read_ids
 
     root, expect, df = crafted
     ids = read_ids(root, metadata_columns(root))
@@ -247,7 +247,7 @@ def test_metadata_stream_reads_ahead_a_bounded_amount(tmp_path: Path) -> None:
     import pyarrow.csv as pacsv
 
     from g2p.data.bioscan import arrow_types
-    from pipelines import validation as v
+    from pipelines import metadata_csv as v
 
     n = 60_000
     df = pd.DataFrame({"processid": [f"P{i:07d}" for i in range(n)], "split": "pretrain",
