@@ -451,6 +451,7 @@ def load_params(path: str | Path = "params.yaml", *, preset_name: str | None = N
 # serving) rather than the model; pipelines/ validates them itself.
 PIPELINE_SECTIONS: tuple[str, ...] = (  # each validated where it is read:
     "ray",  # pipelines/ray_train.py: RaySection
+    "predict",  # pipelines/predict.py: PredictSection
     "register", "promote",  # pipelines/registry.py: RegisterSection, PromoteSection
     "serve",  # serving/config.py: ServeSection
 )

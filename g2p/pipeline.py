@@ -375,6 +375,22 @@ def load_pipeline(path: str, device: str | torch.device = "cpu", dtype: torch.dt
     return pipe
 
 
+def saved_config(path: str) -> G2PConfig:
+    """A model folder's :class:`G2PConfig` (either layout) without loading its weights."""
+    import json
+    from pathlib import Path
+
+    src = Path(path)
+    if (src / "model_index.json").exists():
+        return G2PConfig.from_dict(json.loads((src / "model_index.json").read_text()).get("g2p_config") or {})
+    if (src / "denoiser.safetensors").exists():
+        from g2p.train.checkpoint import config_from_checkpoint
+
+        return config_from_checkpoint(src / "denoiser.safetensors")
+    raise FileNotFoundError(f"{src}: neither a G2PDiffusionPipeline folder (model_index.json) nor a "
+                            f"G2PDiffusion checkpoint (denoiser.safetensors)")
+
+
 def convert_checkpoint(old: str, new: str) -> str:
     """``g2p convert-checkpoint``: a folder of the training layout -> the pipeline layout at ``new``."""
     from pathlib import Path

@@ -89,6 +89,9 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print("# Pipeline sections (validated by pipelines/, not part of the model config).")
     print(yaml.safe_dump({"ray": dataclasses.asdict(RaySection())}, sort_keys=False), end="")
+    from pipelines.predict import PredictSection
+
+    print(yaml.safe_dump({"predict": dataclasses.asdict(PredictSection())}, sort_keys=False), end="")
     from pipelines.registry import default_sections
 
     print(yaml.safe_dump(default_sections(), sort_keys=False), end="")
@@ -134,6 +137,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
                generator=torch.Generator().manual_seed(args.seed), output_type="pt", **_knobs(args))
     save_grid(images_uint8(out.images), Path(args.out))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import load_section, parse_columns, predict
+
+    section = load_section(args.params)
+    if args.concurrency is not None:
+        import dataclasses
+
+        section = dataclasses.replace(section, concurrency=args.concurrency)
+    try:
+        summary = predict(model=args.model, input=args.input, output=args.output, num_images=args.num_images,
+                          steps=args.steps, guidance_scale=args.guidance_scale,
+                          aligner_guidance_scale=args.aligner_guidance_scale, scheduler=args.scheduler,
+                          seed=args.seed, judge=args.judge, columns=parse_columns(args.column), section=section,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -256,6 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--out", required=True, help="PNG grid to write")
     g.set_defaults(func=cmd_generate)
+
+    pd_ = sub.add_parser("predict", help="images for a whole table of barcodes (Ray Data actors; resumable)")
+    pd_.add_argument("--model", required=True, help="pipeline folder, or models:/NAME@ALIAS or models:/NAME/VERSION")
+    pd_.add_argument("--input", required=True, help="Parquet file or folder, or CSV, at a path or URI: a barcode "
+                     "column; optional latitude, longitude, seed; other columns carried through")
+    pd_.add_argument("--output", required=True, help="folder or URI (s3://...) for the part-NNNNNN.parquet files")
+    pd_.add_argument("--num-images", type=int, default=1, help="images per row (default 1)")
+    pd_.add_argument("--judge", default=None, help="Judge folder for scores (a registered model brings its own)")
+    pd_.add_argument("--column", action="append", metavar="ROLE=NAME",
+                     help="input column for a role (barcode, latitude, longitude, seed), e.g. barcode=dna_barcode")
+    pd_.add_argument("--concurrency", type=int, default=None, help="actors (default: params.yaml predict.concurrency)")
+    pd_.add_argument("--overwrite", action="store_true", help="replace a different earlier prediction at --output")
+    pd_.add_argument("--params", default="params.yaml", help="its predict section (defaults if absent)")
+    pd_.add_argument("--quiet", action="store_true")
+    _add_sampling_args(pd_)
+    pd_.set_defaults(func=cmd_predict)
 
     from g2p.variation import LATITUDES, MUTATION_RATES
 

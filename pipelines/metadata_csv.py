@@ -28,9 +28,11 @@ _AHEAD = 2  # blocks the CSV reader may read beyond those taken
 class _Gate(io.RawIOBase):
     """A file Arrow may read at most ``ahead`` bytes beyond what :meth:`advance` has allowed."""
 
-    def __init__(self, path: Path, ahead: int) -> None:
+    def __init__(self, source: Path | Any, ahead: int) -> None:
+        """``source``: a path, or a binary stream with ``readinto`` (a pyarrow input stream, e.g. from S3)."""
         super().__init__()
-        self._f, self._pos, self._allowed = open(path, "rb"), 0, ahead
+        self._f = open(source, "rb") if isinstance(source, (str, Path)) else source
+        self._pos, self._allowed = 0, ahead
         self._cond, self._done = threading.Condition(), False
 
     def readable(self) -> bool:
@@ -126,3 +128,30 @@ def read_ids(root: Path, names: list[str]) -> pa.Table:
     with MetadataStream(root, [c for c in ID_COLUMNS if c in names]) as stream:
         blocks = [b.take(pa.array(np.arange(b.num_rows))) for b in stream]
         return pa.Table.from_batches(blocks, schema=stream.schema)
+
+
+def text_csv_batches(open_stream: Any) -> Iterator[pa.RecordBatch]:
+    """Any CSV as record batches with every column text (empty = null), read ahead at most ``_AHEAD``
+    blocks. ``open_stream()`` opens the file (binary; called twice: the header, then the rows)."""
+    import csv
+
+    with open_stream() as f:
+        head = f.read(1 << 20)
+    first = io.TextIOWrapper(io.BytesIO(head), encoding="utf-8", newline="").readline()
+    names = next(csv.reader([first]), [])
+    if not names:
+        raise ValueError("input: the CSV file has no header line")
+    gate = _Gate(open_stream(), _AHEAD * _BLOCK)
+    try:
+        reader = pacsv.open_csv(gate, read_options=pacsv.ReadOptions(block_size=_BLOCK),
+                                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                                     strings_can_be_null=True))
+        try:
+            for batch in reader:
+                gate.advance(_BLOCK)
+                yield batch
+        finally:
+            gate.stop()
+            reader.close()
+    finally:
+        gate.close()

@@ -34,13 +34,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from g2p.batch import Knobs, generate_items
 from g2p.images import png_bytes
-from g2p.pipeline import G2PDiffusionPipeline, images_uint8, load_pipeline
+from g2p.pipeline import G2PDiffusionPipeline, load_pipeline
 from g2p.variation import variation_images
 from serving.config import ServeSection
 from serving.schema import ModelInfo, PhenotypeResponse, VaryResponse, request_models
@@ -49,15 +50,6 @@ from serving.schema import ModelInfo, PhenotypeResponse, VaryResponse, request_m
 def png_b64(image: Tensor) -> str:
     """uint8 (3, H, W) -> base64 PNG (deterministic bytes for the same pixels)."""
     return base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-class Knobs(NamedTuple):
-    """What a pipeline call shares: requests with equal knobs are answered by one call."""
-
-    steps: int
-    guidance_scale: float
-    aligner_guidance_scale: float
-    scheduler: str
 
 
 @dataclass
@@ -142,20 +134,9 @@ class PhenotypeService:
     # -- generation -------------------------------------------------------------
     def generate_images(self, items: Sequence[tuple[str, float | None, float | None, int, int]],
                         knobs: Knobs) -> list[Tensor]:
-        """Items (barcode, lat, lon, n, seed) sharing ``knobs`` -> uint8 (n, 3, H, W) each, in one pipeline call."""
-        pipe = self.pipe_for(knobs.scheduler)
-        kw = dict(num_inference_steps=knobs.steps, guidance_scale=knobs.guidance_scale,
-                  aligner_guidance_scale=knobs.aligner_guidance_scale, output_type="pt")
-        barcodes, lats, lons, gens, sizes = [], [], [], [], []
-        for seq, lat, lon, n, seed in items:
-            g = torch.Generator().manual_seed(int(seed))  # one per request, drawn image by image
-            barcodes += [seq] * n
-            lats += [lat] * n
-            lons += [lon] * n
-            gens += [g] * n
-            sizes.append(n)
-        out = pipe(barcodes, lats, lons, num_images_per_barcode=1, generator=gens, **kw).images
-        return list(torch.split(images_uint8(out), sizes))
+        """Items (barcode, lat, lon, n, seed) sharing ``knobs`` -> uint8 (n, 3, H, W) each, in one pipeline call
+        (:func:`g2p.batch.generate_items`)."""
+        return generate_items(self.pipe_for(knobs.scheduler), items, knobs)
 
     def score(self, images: Tensor, barcodes: Sequence[str]) -> list[float] | None:
         if self.judge is None:
