@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from g2p.config import G2PConfig, preset
 from g2p.model import G2PDiffusion
@@ -141,7 +145,9 @@ def image_flops(pipe: G2PDiffusionPipeline, steps: int, guidance_scale: float,
     :func:`flop_counter`, with the micro-batch size set to 1 for the call (and
     restored after), so no padded row is counted. ``total`` is everything
     counted during the call; with the pipeline as it is, every counted FLOP
-    belongs to one of the parts, so ``total`` is their sum.
+    belongs to one of the parts, so ``total`` is their sum. The components'
+    entry points are wrapped on ``pipe`` during the call: not for a pipeline
+    that other threads are calling meanwhile.
     """
     flops = dict.fromkeys(PARTS, 0.0)
     counter = flop_counter()
@@ -200,12 +206,12 @@ def projected_seconds(flops_per_image: float, images: int, gpus: int, peak_flops
 # ----------------------------------------------------------------------------
 
 
-def random_pipeline(cfg: G2PConfig, from_pretrained: bool = False, seed: int = 0) -> G2PDiffusionPipeline:
+def random_pipeline(cfg: G2PConfig, seed: int = 0) -> G2PDiffusionPipeline:
     """The pipeline of ``cfg`` with random weights, LoRA (and the pooled embedding where ``cfg`` has one)
-    fused, and a random negative bank of ``sampling.negative_bank_size`` rows: the shapes a trained
-    model of ``cfg`` has. ``from_pretrained`` loads the VAE and UNet from ``cfg.*.pretrained_path``."""
+    fused, and a random negative bank of ``sampling.negative_bank_size`` rows: the shapes a trained model
+    of ``cfg`` has. The VAE and UNet are loaded from ``cfg.*.pretrained_path`` where it is set."""
     torch.manual_seed(seed)
-    model = G2PDiffusion(cfg, from_pretrained=from_pretrained)
+    model = G2PDiffusion(cfg)
     model.add_lora()
     model.negative_bank = torch.randn(cfg.sampling.negative_bank_size, cfg.conditioner.hidden_size)
     return G2PDiffusionPipeline.from_model(model)
@@ -222,11 +228,9 @@ def paper_pipeline(sd_folder: str | Path | None = None) -> G2PDiffusionPipeline:
     does. About 4 GB of float32 weights, twice that while the pipeline is
     copied out of the model.
     """
-    cfg = preset("paper")
-    if sd_folder is not None:
-        folder = str(sd_folder)
-        cfg = cfg.override({"vae": {"pretrained_path": folder}, "unet": {"pretrained_path": folder}})
-    return random_pipeline(cfg, from_pretrained=sd_folder is not None)
+    folder = "" if sd_folder is None else str(sd_folder)
+    return random_pipeline(preset("paper").override({"vae": {"pretrained_path": folder},
+                                                      "unet": {"pretrained_path": folder}}))
 
 
 # ----------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def write_atomic(fs: Any, path: str, table: pa.Table) -> None:
     import pyarrow.fs as pafs
 
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
+        head, _, name = path.rpartition("/")
+        tmp = f"{head}/.{name}.tmp-{os.getpid()}"  # hidden: readers of the folder skip it
         pq.write_table(table, tmp, filesystem=fs)
         fs.move(tmp, path)
     else:
@@ -442,6 +443,8 @@ def predict(*, model: str, input: str, output: str, num_images: int = 1, steps: 
                              f"pass --overwrite")
         ofs.create_dir(obase, recursive=True)
         _write_json(ofs, f"{obase}/{REQUEST}", request)
+        for stale in Path(obase).glob(".part-*.tmp-*") if not storage.is_uri(out) else ():
+            stale.unlink()  # what an interrupted writer left
         staged = stage_input(input, out, section.rows_per_shard, cols, progress)
         done = written_shards(out) & set(range(staged["shards"]))
         todo = [i for i in range(staged["shards"]) if i not in done]

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from benchmarks.flops import (
-    PARTS, flop_counter, image_flops, model_evaluations, projected_seconds, random_pipeline, scaled_to_steps,
+    PARTS,
+    flop_counter,
+    image_flops,
+    model_evaluations,
+    projected_seconds,
+    random_pipeline,
+    scaled_to_steps,
 )
 from g2p.config import preset
 from g2p.pipeline import G2PDiffusionPipeline
@@ -64,7 +70,8 @@ def test_flops_are_linear_in_steps(pipe, counts) -> None:
     assert scaled_to_steps(pipe, one, 1, 3) == three
 
 
-def test_the_micro_batch_size_is_restored(pipe, counts) -> None:
+@pytest.mark.usefixtures("counts")
+def test_the_micro_batch_size_is_restored(pipe) -> None:
     assert pipe.micro_batch_size == 3
 
 
