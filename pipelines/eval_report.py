@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from g2p.evaluation.metrics import GENERATED, ROWS
+from g2p.evaluation.rows import REGISTRY, ROWS
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -100,13 +100,12 @@ def write_figures(results: dict[str, Any], art: dict[str, Any], out: Path) -> di
     fig.savefig(figs["variation"], dpi=110)
     plt.close(fig)
 
-    # sample sheets: per species a row of GT | NN | random | no_aligner x2 | g2pdiffusion x2
+    # sample sheets: per species a row of each row's images (two of a generated row's, one of the others')
     for split, s in art["samples"].items():
         ims = s["images"]
         m = min(6, len(s["species"]))
-        cols = [ims["ground_truth"][:m, 0], ims["nearest_neighbour"][:m, 0], ims["random"][:m, 0]]
-        for row in GENERATED:
-            cols += [ims[row][:m, j] for j in range(min(2, ims[row].shape[1]))]
+        cols = [ims[r.name][:m, j] for r in REGISTRY for j in range(min(2 if r.source == "generated" else 1,
+                                                                         ims[r.name].shape[1]))]
         sheet = torch.stack(cols, dim=1).reshape(-1, *cols[0].shape[1:])
         figs[f"samples_{split}"] = figdir / f"samples_{split}.png"
         image_grid(sheet, ncols=len(cols)).save(figs[f"samples_{split}"])
@@ -171,7 +170,8 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
                   f"same species for {100 * s['nearest_neighbour']['same_species_share']:.1f}% of barcodes.", "",
                   markdown_table(results, split, ks), ""]
         if f"samples_{split}" in figs:
-            parts += ["Samples (per row: ground truth, nearest neighbour, random, no aligner x2, G2PDiffusion x2):",
+            shown = ", ".join(f"{r.name}{' x2' if r.source == 'generated' else ''}" for r in REGISTRY)
+            parts += [f"Samples (per species: {shown}):",
                       "", f"![samples {split}](figures/{figs[f'samples_{split}'].name})", ""]
     parts += [f"![top-k](figures/{figs['topk'].name})", ""]
     if "absent" in results.get("traits", {}):

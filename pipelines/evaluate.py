@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,8 @@ import torch
 
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
+from g2p.evaluation.rows import GENERATED, REFERENCE, REGISTRY, ROWS
 from pipelines.eval_report import write_figures, write_plots, write_report
-
-ROWS = M.ROWS
-GENERATED = M.GENERATED
 
 
 @dataclass
@@ -125,35 +125,189 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
 
 
-def generate_rows(pipe, barcodes: list[str], lat: list[float | None], lon: list[float | None], n: int,
-                  aligner_guidance: float, seed: int, batch_barcodes: int, bar, **knobs) -> torch.Tensor:
-    """(B, n, 3, H, W) generated images; image j of barcode i from ``image_seed(seed, i, j)`` in every row,
-    so the rows are paired sample for sample."""
-    from g2p.pipeline import generate_uint8
-
-    return generate_uint8(pipe, barcodes, lat, lon, n, seed, batch_barcodes * n, bar.update,
-                          aligner_guidance_scale=aligner_guidance, **knobs)
+TASK_IMAGES = 256  # real images per judge task (threshold pairs, the judge's own accuracy)
+SHOWN = 6  # barcodes per split whose images come back for the report's sample sheets
 
 
-def _scores(judge, images: torch.Tensor, bc_emb: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """images (B, K, 3, H, W), barcode embeddings (B, D) -> scores (B, K), image embeddings (B, K, D)."""
-    b, k = images.shape[:2]
-    emb = judge.embed_images(images.reshape(b * k, *images.shape[2:])).reshape(b, k, -1)
-    return (emb * bc_emb[:, None, :]).sum(-1).numpy(), emb
+class Grader:
+    """A Ray Data actor: evaluation tasks in, per-barcode summaries out; images are made and graded here.
+
+    Holds the pipeline, the judge and the trait reader once (their folders
+    travel as bytes through the object store), and reads real images from the
+    arrays the driver put in the object store (zero-copy on the same node)."""
+
+    def __init__(self, models: Any, images: dict[str, Any], protos: dict[str, tuple[np.ndarray, np.ndarray]],
+                 knobs: dict[str, Any], num_samples: int, seed: int, threads: int) -> None:
+        import tempfile
+
+        import diffusers
+        import ray
+
+        from g2p.judge import Judge
+        from g2p.pipeline import load_pipeline
+        from pipelines.predict import _materialise
+
+        diffusers.utils.logging.disable_progress_bar()
+        models = ray.get(models) if isinstance(models, ray.ObjectRef) else models
+        torch.set_num_threads(threads)
+        self._tmp = tempfile.TemporaryDirectory(prefix="g2p-evaluate-")
+        root = Path(self._tmp.name)
+        pipe = load_pipeline(str(_materialise(models["generator"], root / "generator")))
+        self.pipe = pipe.with_scheduler(knobs["scheduler"])
+        self.judge = Judge.from_pretrained(_materialise(models["judge"], root / "judge")).eval()
+        self.reader = None
+        if models.get("trait_reader"):
+            from g2p.trait_reader import TraitReader
+
+            self.reader = TraitReader.from_pretrained(_materialise(models["trait_reader"], root / "trait_reader"))
+        with warnings.catch_warnings():  # the object store's arrays are read-only: read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            self.images = {k: torch.from_numpy(ray.get(v) if isinstance(v, ray.ObjectRef) else v)
+                           for k, v in images.items()}
+        self.protos, self.knobs, self.n, self.seed = protos, knobs, num_samples, seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # a result is nested Python (arrays in dicts): serialised here, as Ray would after Arrow refused it;
+        # a message between our own processes, never a file
+        return {"result": np.array([pickle.dumps(self.run(json.loads(t)), protocol=5) for t in batch["task"]],
+                                   dtype=object)}
+
+    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+        from g2p.evaluation.grading import grade_rows, pair_scores
+        from g2p.pipeline import generate_uint8
+
+        kind = task["kind"]
+        if kind == "pairs":  # the threshold's true and shuffled training pairs
+            t, s = pair_scores(self.judge, self.images["train"][torch.as_tensor(task["idx"])], task["true"],
+                               task["shuffled"])
+            return {"kind": kind, "at": task["at"], "true": t, "shuffled": s}
+        if kind == "split":  # the judge's own species accuracy on real images; the reader's body sizes
+            ims = self.images[task["split"]][torch.as_tensor(task["idx"])]
+            names, protos = self.protos[task["split"]]
+            with torch.no_grad():
+                hits = species_hits_of(self.judge, ims, np.asarray(task["species"], dtype=object), names, protos)
+            size = self.reader.predict(ims)["body_size"] if self.reader is not None and task["sizes"] else None
+            return {"kind": kind, "split": task["split"], "at": task["at"], "hits": hits, "body_size": size}
+        split = task["split"]
+        arr = self.images[split]
+        species = np.asarray(task["species"], dtype=object)
+        images: dict[str, torch.Tensor] = {}
+        for r in REGISTRY:
+            if r.source == "record":
+                images[r.name] = arr[torch.as_tensor(task["record"])][:, None]
+            elif r.source == "other_species":
+                images[r.name] = arr[torch.as_tensor(task["other_species"])]
+            elif r.source == "nearest_barcodes":
+                images[r.name] = self.images["train"][torch.as_tensor(task["nearest_barcodes"])]
+            else:  # generated: image j of barcode i from image_seed(seed, i, j) in every generated row
+                w = self.knobs["aligner_guidance_scale"] if r.aligner else 0.0
+                images[r.name] = generate_uint8(
+                    self.pipe, task["barcodes"], task["lat"], task["lon"], self.n, self.seed,
+                    len(task["barcodes"]) * self.n, seed_index=task["pos"], aligner_guidance_scale=w,
+                    num_inference_steps=self.knobs["steps"], guidance_scale=self.knobs["guidance_scale"])
+        names, protos = self.protos[split]
+        graded = grade_rows(self.judge, self.reader, images, task["barcodes"], species, names, protos)
+        shown = [i for i, p in enumerate(task["pos"]) if p < SHOWN]
+        keep = {r.name: images[r.name][shown][:, :2 if r.source == "generated" else 1].numpy() for r in REGISTRY}
+        return {"kind": kind, "split": split, "pos": task["pos"], "rows": graded,
+                "shown": [task["pos"][i] for i in shown], "images": keep,
+                "generated": len(task["barcodes"]) * self.n * sum(r.source == "generated" for r in REGISTRY)}
 
 
-def evaluate(pipe, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_truth: float | None = None,
-             sampling=None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def species_hits_of(judge, images: torch.Tensor, species: np.ndarray, names: np.ndarray,
+                    protos: np.ndarray) -> np.ndarray:
+    return M.species_hits(judge.embed_images(images).numpy(), species, names, protos)
+
+
+def _tasks(data: EvalData, ecfg, with_sizes: bool) -> tuple[list[str], dict]:
+    """The evaluation as small JSON tasks (indices and barcodes; no images) and what the driver keeps."""
+    seed = ecfg.seed
+    tasks: list[str] = []
+    keep: dict[str, Any] = {"splits": {}}
+    tr = data.train
+    idx = np.arange(len(tr))
+    if 0 < ecfg.threshold_pairs < len(tr):
+        idx = np.sort(np.random.default_rng(seed).choice(len(tr), ecfg.threshold_pairs, replace=False))
+    partner = idx[M.derangement(len(idx), seed)]  # image idx[i] against the barcode of record partner[i]
+    for a in range(0, len(idx), TASK_IMAGES):
+        sl = slice(a, a + TASK_IMAGES)
+        tasks.append(json.dumps({"kind": "pairs", "at": a, "idx": idx[sl].tolist(),
+                                 "true": [tr.barcode[i] for i in idx[sl]],
+                                 "shuffled": [tr.barcode[i] for i in partner[sl]]}))
+    keep["num_pairs"] = len(idx)
+    for split, arr in data.splits.items():
+        for a in range(0, len(arr), TASK_IMAGES):
+            tasks.append(json.dumps({"kind": "split", "split": split, "at": a,
+                                     "idx": list(range(a, min(a + TASK_IMAGES, len(arr)))),
+                                     "species": [str(x) for x in arr.species[a:a + TASK_IMAGES]],
+                                     "sizes": bool(with_sizes and split == "seen")}))
+        sel = select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)
+        species = arr.species[sel]
+        rnd = M.random_other_indices(arr.species, species, ecfg.num_samples, seed=seed)
+        nn_idx = M.nearest_barcodes([arr.barcode[i] for i in sel], tr.barcode, n=ecfg.num_samples)
+        keep["splits"][split] = {"sel": sel, "species": species, "nn_same": tr.species[nn_idx[:, 0]] == species}
+        per = max(1, ecfg.batch_barcodes)
+        for a in range(0, len(sel), per):
+            s = sel[a:a + per]
+            tasks.append(json.dumps({
+                "kind": "rows", "split": split, "pos": list(range(a, a + len(s))),
+                "barcodes": [arr.barcode[i] for i in s],
+                "lat": [float(arr.lat[i]) if arr.has_place[i] else None for i in s],
+                "lon": [float(arr.lon[i]) if arr.has_place[i] else None for i in s],
+                "species": [str(x) for x in arr.species[s]], "record": s.tolist(),
+                "other_species": rnd[a:a + per].tolist(), "nearest_barcodes": nn_idx[a:a + per].tolist()}))
+    return tasks, keep
+
+
+def run_tasks(tasks: list[str], *, models: dict[str, Any], images: dict[str, np.ndarray],
+              protos: dict[str, Any], knobs: dict[str, Any], ecfg, section, total_images: int,
+              progress: bool):
+    """Yield the actors' results as they come (a Ray Data actor pool over the tasks)."""
+    import ray
+    import ray.data
+
+    from pipelines import shards
+    from pipelines.ray_train import ensure_ray
+
+    ensure_ray()
+    shards.data_context(preserve_order=False)
+    refs = {k: ray.put(v) for k, v in images.items()}
+    actors = min(section.actors(ray.cluster_resources()), len(tasks))
+    ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
+    ds = ds.map_batches(Grader, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                        num_cpus=section.num_cpus_per_actor, num_gpus=0,
+                        fn_constructor_kwargs={"models": ray.put(models), "images": refs, "protos": protos,
+                                               "knobs": knobs, "num_samples": ecfg.num_samples, "seed": ecfg.seed,
+                                               "threads": max(1, int(section.num_cpus_per_actor))})
+    bar = _progress(total_images, "evaluate: sampling", progress)
+    for r in ds.iter_rows():
+        res = pickle.loads(r["result"])
+        bar.update(res.get("generated", 0))
+        yield res
+    bar.close()
+
+
+def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str | None = None,
+             bergmann_truth: float | None = None, sampling=None, section=None,
+             progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """All metrics (the ``metrics.json`` dict) and the artefacts for plots and the report.
 
-    ``pipe`` is a :class:`~g2p.pipeline.G2PDiffusionPipeline`; ``sampling`` (a
+    ``model``, ``judge``, ``trait_reader``: folders. ``sampling`` (a
     ``SamplingConfig``, default: the model's) sets the scheduler, steps, CFG
-    scale and the aligner guidance of the ``g2pdiffusion`` row.
+    scale and the aligner guidance of the aligner rows; ``section`` (a
+    ``PredictSection``, default its defaults) sizes the actor pool. The rows
+    are those of :data:`g2p.evaluation.rows.REGISTRY`.
     """
+    from g2p.judge import Judge
+    from g2p.pipeline import load_pipeline
+    from pipelines.predict import PredictSection, _folder_bytes
+
     t0 = time.time()
     ks = sorted(set(int(k) for k in ecfg.ks))
     if max(ks) > ecfg.num_samples:
         raise ValueError(f"evaluate.ks: {max(ks)} exceeds evaluate.num_samples={ecfg.num_samples}")
+    pipe = load_pipeline(model)
     sampling = sampling or pipe.cfg.sampling
     # the scheduler is built from its name (g2p.diffusion.schedule), never taken from a folder's saved
     # settings: a folder exported before a fix there (the start timestep, 2026-12-04) is judged as a new one
@@ -161,58 +315,71 @@ def evaluate(pipe, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_t
     guided = sampling.aligner_guidance_scale
     skw = {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale}
     reps, seed = ecfg.bootstrap_reps, ecfg.seed
-    art: dict[str, Any] = {"samples": {}, "topk": [], "ks": ks}
+    j = Judge.from_pretrained(judge).eval()
+    reader = None
+    if trait_reader is not None:
+        from g2p.trait_reader import TraitReader
+
+        reader = TraitReader.from_pretrained(trait_reader)
+    # the judge's species prototypes: mean barcode embedding of every test record of the split (DNA only)
+    protos = {split: M.species_prototypes(j.embed_barcodes(list(arr.barcode)).numpy(), arr.species)
+              for split, arr in data.splits.items()}
+    tasks, keep = _tasks(data, ecfg, reader is not None)
+    images = {"train": data.train.images.numpy(), **{s: a.images.numpy() for s, a in data.splits.items()}}
+    models = {"generator": _folder_bytes(Path(model)), "judge": _folder_bytes(Path(judge)),
+              "trait_reader": _folder_bytes(Path(trait_reader)) if trait_reader else None}
+    knobs = {"scheduler": sampling.scheduler, "steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+             "aligner_guidance_scale": guided}
+    n_gen = sum(len(v["sel"]) for v in keep["splits"].values()) * ecfg.num_samples * len(GENERATED)
+    # per-barcode summaries, filled as the actors answer
+    k = ecfg.num_samples
+    true_pairs = np.zeros(keep["num_pairs"])
+    shuffled = np.zeros(keep["num_pairs"])
+    acc: dict[str, dict[str, Any]] = {}
+    for split, v in keep["splits"].items():
+        b = len(v["sel"])
+        acc[split] = {"judge_hits": np.zeros(len(data.splits[split])), "body_size": np.zeros(len(data.splits[split])),
+                      "shown": {}, **{r.name: {"scores": np.zeros((b, 1 if r.num_images == "one" else k)),
+                                               "hits": np.zeros((b, 1 if r.num_images == "one" else k)),
+                                               "traits": {}} for r in REGISTRY}}
+    for res in run_tasks(tasks, models=models, images=images, protos=protos, knobs=knobs, ecfg=ecfg,
+                         section=section or PredictSection(), total_images=n_gen, progress=progress):
+        if res["kind"] == "pairs":
+            sl = slice(res["at"], res["at"] + len(res["true"]))
+            true_pairs[sl], shuffled[sl] = res["true"], res["shuffled"]
+        elif res["kind"] == "split":
+            sl = slice(res["at"], res["at"] + len(res["hits"]))
+            acc[res["split"]]["judge_hits"][sl] = res["hits"]
+            if res["body_size"] is not None:
+                acc[res["split"]]["body_size"][sl] = res["body_size"]
+        else:
+            a, pos = acc[res["split"]], np.asarray(res["pos"])
+            for row, g in res["rows"].items():
+                a[row]["scores"][pos], a[row]["hits"][pos] = g["scores"], g["hits"]
+                for name, val in g.get("traits", {}).items():
+                    a[row]["traits"].setdefault(name, np.zeros(len(a[row]["scores"])))[pos] = val
+            for i, p in enumerate(res["shown"]):
+                a["shown"][p] = {row: torch.from_numpy(ims[i]) for row, ims in res["images"].items()}
 
     # -- threshold on the training data (Figure 4) --------------------------------
-    tr = data.train
-    idx = np.arange(len(tr))
-    if 0 < ecfg.threshold_pairs < len(tr):
-        idx = np.sort(np.random.default_rng(seed).choice(len(tr), ecfg.threshold_pairs, replace=False))
-    img_e = judge.embed_images(tr.images[torch.as_tensor(idx)])
-    bc_e = judge.embed_barcodes([tr.barcode[i] for i in idx])
-    true_pairs = (img_e * bc_e).sum(-1).numpy()
-    shuffled = (img_e * bc_e[torch.as_tensor(M.derangement(len(idx), seed))]).sum(-1).numpy()
     threshold = M.success_threshold(true_pairs, shuffled)
     grid, d_true, d_shuf = M.score_densities(true_pairs, shuffled)
-    art["densities"] = (grid, d_true, d_shuf)
+    art: dict[str, Any] = {"samples": {}, "topk": [], "ks": ks, "densities": (grid, d_true, d_shuf)}
     results: dict[str, Any] = {"threshold": {
         "value": threshold, "true_pairs_mean": float(true_pairs.mean()),
-        "shuffled_pairs_mean": float(shuffled.mean()), "num_pairs": int(len(idx))}}
+        "shuffled_pairs_mean": float(shuffled.mean()), "num_pairs": int(keep["num_pairs"])}}
     results["judge"] = {}
     traits_out: dict[str, Any] = {}
-    with_traits = trait_reader is not None and data.truth is not None
-
-    n_gen = sum(len(select_barcodes(a.species, ecfg.barcodes_per_species, ecfg.max_species))
-                for a in data.splits.values())
-    bar = _progress(n_gen * ecfg.num_samples * len(GENERATED), "evaluate: sampling", progress)
+    with_traits = reader is not None and data.truth is not None
     for split, arr in data.splits.items():
-        sel = select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)
-        barcodes = [arr.barcode[i] for i in sel]
-        lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
-        lon = [float(arr.lon[i]) if arr.has_place[i] else None for i in sel]
-        species = arr.species[sel]
-        # judge: species prototypes from all test records of the split; its own retrieval accuracy
-        all_bc = judge.embed_barcodes(list(arr.barcode))
-        names, protos = M.species_prototypes(all_bc.numpy(), arr.species)
-        all_img = judge.embed_images(arr.images)
-        jh = M.species_hits(all_img.numpy(), arr.species, names, protos)
+        v, a = keep["splits"][split], acc[split]
+        names = protos[split][0]
+        jh = a["judge_hits"]
         results["judge"][split] = {"species_accuracy": float(jh.mean()), "chance": 1.0 / len(names),
                                    "num_images": int(len(jh))}
-        bc = all_bc[torch.as_tensor(sel)]
-        # the rows' images, (B, K, 3, H, W)
-        images: dict[str, torch.Tensor] = {"ground_truth": arr.images[torch.as_tensor(sel)][:, None]}
-        rnd = M.random_other_indices(arr.species, species, ecfg.num_samples, seed=seed)
-        images["random"] = arr.images[torch.as_tensor(rnd)]
-        nn_idx = M.nearest_barcodes(barcodes, tr.barcode, n=ecfg.num_samples)
-        images["nearest_neighbour"] = tr.images[torch.as_tensor(nn_idx)]
-        nn_same = tr.species[nn_idx[:, 0]] == species
-        bar.set_description(f"evaluate: sampling {split}")
-        for row, w in (("no_aligner", 0.0), ("g2pdiffusion", guided)):
-            images[row] = generate_rows(pipe, barcodes, lat, lon, ecfg.num_samples, w, seed,
-                                        ecfg.batch_barcodes, bar, **skw)
-        gt_scores, _ = _scores(judge, images["ground_truth"], bc)
-        gt_scores = gt_scores[:, 0]
+        sel, species = v["sel"], v["species"]
         split_out: dict[str, Any] = {"num_species": int(len(names)), "num_barcodes": int(len(sel))}
+        gt_scores = a[REFERENCE]["scores"][:, 0]
         if with_traits:
             from g2p.trait_reader import trait_errors
 
@@ -220,37 +387,37 @@ def evaluate(pipe, judge, data: EvalData, ecfg, *, trait_reader=None, bergmann_t
             truth_all = true_traits(data.truth, arr.processid)
             other = M.random_other_indices(arr.species, species, 1, seed=seed + 1)[:, 0]
             baseline = {n: float(np.mean(e)) for n, e in
-                        trait_errors({n: v[other] for n, v in truth_all.items()}, truth).items()}
+                        trait_errors({n: x[other] for n, x in truth_all.items()}, truth).items()}
             traits_out[split] = {"random_species_truth": baseline}
-        for row in ROWS:
-            sc, emb = _scores(judge, images[row], bc)
-            m = M.topk_metrics(sc, gt_scores, threshold, ks, reps, seed)
+        for r in REGISTRY:
+            m = M.topk_metrics(a[r.name]["scores"], gt_scores, threshold, ks, reps, seed)
             # every image of the row counts; the interval resamples barcodes (a barcode's images go together)
-            b, k = emb.shape[:2]
-            hits = M.species_hits(emb.reshape(b * k, -1).numpy(), np.repeat(species, k), names, protos)
             m["species_accuracy"], m["species_accuracy_low"], m["species_accuracy_high"] = M.rate_with_ci(
-                hits.reshape(b, k).mean(axis=1), reps, seed)
-            split_out[row] = m
-            for k in ks:
-                art["topk"].append({"split": split, "row": row, "k": k, "score": m[f"score@{k}"],
-                                    "relative_score": m[f"relative_score@{k}"], "success": m[f"success@{k}"]})
+                a[r.name]["hits"].mean(axis=1), reps, seed)
+            split_out[r.name] = m
+            for kk in ks:
+                art["topk"].append({"split": split, "row": r.name, "k": kk, "score": m[f"score@{kk}"],
+                                    "relative_score": m[f"relative_score@{kk}"], "success": m[f"success@{kk}"]})
             if with_traits:
-                pred = trait_reader.predict(images[row][:, 0])
-                traits_out[split][row] = mean_trait_errors(pred, truth, baseline)
-        split_out["nearest_neighbour"]["same_species_share"] = float(np.mean(nn_same))
+                traits_out[split][r.name] = mean_trait_errors(a[r.name]["traits"], truth, baseline)
+        split_out["nearest_neighbour"]["same_species_share"] = float(np.mean(v["nn_same"]))
         results[split] = split_out
-        art["samples"][split] = {"species": list(species), "images": images}
-    bar.close()
+        shown = sorted(a["shown"])
+        art["samples"][split] = {"species": list(species[shown]),
+                                 "images": {r.name: torch.stack([a["shown"][p][r.name] for p in shown])
+                                            for r in REGISTRY}}
     if with_traits:
         results["traits"] = traits_out
-    results["variation"], art["variation"] = variation(pipe, judge, data.splits["seen"], ecfg,
-                                                       trait_reader, bergmann_truth, progress,
+    real_sizes = acc["seen"]["body_size"] if reader is not None else None
+    results["variation"], art["variation"] = variation(pipe, j, data.splits["seen"], ecfg, reader,
+                                                       bergmann_truth, progress, real_sizes,
                                                        aligner_guidance_scale=guided, **skw)
     results["seconds"] = round(time.time() - t0, 1)
     return results, art
 
 
-def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress, **knobs):
+def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress,
+              real_sizes: np.ndarray | None = None, **knobs):
     """Section 4.4 (:func:`g2p.variation.variation_images`): CLIBDScore against mutation rate; measured body
     size against latitude. Every variant of a barcode shares its starting noise."""
     from g2p.variation import variation_images
@@ -282,7 +449,7 @@ def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, prog
         out["body_size_by_latitude"] = [float(x) for x in size.mean(axis=(0, 2))]
         out["bergmann_slope"] = _slope_or_none(abs_lat.ravel(), size.ravel(), group.ravel())
         # the same fit on real test images: what the reader sees when the truth is there
-        real = trait_reader.predict(arr.images)["body_size"]
+        real = real_sizes if real_sizes is not None else trait_reader.predict(arr.images)["body_size"]
         sp = np.unique(arr.species, return_inverse=True)[1]
         out["bergmann_slope_real_images"] = _slope_or_none(np.abs(arr.lat.numpy()), real, sp)
         art["latitude"] = li
@@ -355,29 +522,25 @@ def run(*, model: str, judge: str, trait_reader: str | None, train: str, test: s
         root: str | None, truth: str | None, params: str, out: str, mlflow: bool = True,
         progress: bool = True) -> dict[str, Any]:
     from g2p.config import load_params
-    from g2p.judge import Judge
-    from g2p.pipeline import load_pipeline
-
-    cfg = load_params(params) if Path(params).exists() else None
-    pipe = load_pipeline(model)
-    ecfg = (cfg or pipe.cfg).evaluate
-    bergmann = (cfg or pipe.cfg).data.bergmann_coefficient
-    j = Judge.from_pretrained(judge)
+    from g2p.pipeline import saved_config
+    from pipelines.predict import load_section
     from pipelines.train_judge import absent_reason
 
+    cfg = load_params(params) if Path(params).exists() else None
+    saved = saved_config(model)
+    ecfg = (cfg or saved).evaluate
+    bergmann = (cfg or saved).data.bergmann_coefficient
     reader, absent = None, None
     if not trait_reader or not Path(trait_reader).exists():
         absent = f"no trait reader folder ({trait_reader})"
     elif (absent := absent_reason(trait_reader)) is None:
-        from g2p.trait_reader import TraitReader
-
-        reader = TraitReader.from_pretrained(trait_reader)
-    data = load_eval_data(train, test, valid, root, pipe.cfg.vae.image_size, truth)
+        reader = trait_reader
+    data = load_eval_data(train, test, valid, root, saved.vae.image_size, truth)
     if data.truth is None:
         absent = absent or f"no synthetic ground truth at {truth}"
         bergmann = None  # the benchmark's coefficient says nothing about real records
-    results, art = evaluate(pipe, j, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
-                            sampling=(cfg or pipe.cfg).sampling, progress=progress)
+    results, art = evaluate(model, judge, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
+                            sampling=(cfg or saved).sampling, section=load_section(params), progress=progress)
     results["eval_config_hash"] = eval_config_hash(ecfg, data)
     if "traits" not in results:  # the gold standard needs the synthetic truth and the reader
         results["traits"] = {"absent": absent or "not computed"}

@@ -70,8 +70,13 @@ def test_flops_are_linear_in_steps(pipe, counts) -> None:
     assert scaled_to_steps(pipe, one, 1, 3) == three
 
 
-@pytest.mark.usefixtures("counts")
-def test_the_micro_batch_size_is_restored(pipe) -> None:
+def test_one_image_counts_no_padded_rows_and_the_micro_batch_size_is_restored(pipe, counts) -> None:
+    # a step without CFG is one UNet pass over exactly one row, though the pipeline's chunks hold 3
+    cond = pipe.encode_condition(["ACGT" * 100], [(None, None)])
+    with flop_counter() as fc, torch.no_grad():
+        pipe.predict_noise(torch.zeros(1, *pipe.latent_shape), torch.tensor([999]), cond.context,
+                           cond.context_mask.bool())
+    assert counts[(2, 1.0, 5.0)]["unet"] == 2 * fc.get_total_flops()
     assert pipe.micro_batch_size == 3
 
 

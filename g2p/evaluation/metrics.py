@@ -19,12 +19,11 @@ feeds them the judge's cosines; the definitions are those of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-ROWS = ("ground_truth", "random", "no_aligner", "g2pdiffusion", "nearest_neighbour")
-GENERATED = ("no_aligner", "g2pdiffusion")  # the rows whose images the sampler makes
+from g2p.evaluation.rows import GENERATED, ROWS  # noqa: F401 (re-exported: the row registry's names)
 
 
 def _2d(scores: np.ndarray, name: str = "scores") -> np.ndarray:
@@ -210,21 +209,49 @@ def kmer_profiles(barcodes: Sequence[str], k: int = 4) -> np.ndarray:
     return out
 
 
-def nearest_barcodes(query: Sequence[str], reference: Sequence[str], n: int = 1, k: int = 4,
-                     exclude_self: bool = False) -> np.ndarray:
+def nearest_barcodes(query: Sequence[str], reference: Sequence[str] | Iterable[Sequence[str]], n: int = 1,
+                     k: int = 4, exclude_self: bool = False, chunk: int = 2048, query_chunk: int = 32) -> np.ndarray:
     """(Q, n) indices of the ``n`` reference barcodes closest to each query (L1 distance of k-mer profiles).
 
     k-mer profiles, not Hamming: barcodes start and end at different read
     positions, so position-wise comparison is meaningless without alignment.
-    Ties break by reference order.
+    Ties break by reference order. ``exclude_self`` skips references at
+    distance 0 (the query's own record).
+
+    Chunked: ``reference`` is a sequence of barcodes, or an iterable of
+    sequences (chunks, e.g. streamed from shards); ``query_chunk`` queries x
+    one reference chunk of ``chunk`` barcodes are compared at a time, with a
+    running top n: memory is (Q + chunk) x 4^k profiles and query_chunk x
+    chunk x 4^k differences (134 MB at the defaults), never Q x R x 4^k.
     """
-    if n < 1 or n > len(reference):
-        raise ValueError(f"n: {n!r} must be in [1, {len(reference)}]")
-    q, r = kmer_profiles(query, k), kmer_profiles(reference, k)
-    d = np.abs(q[:, None, :] - r[None, :, :]).sum(axis=2)
-    if exclude_self:
-        d[d == 0] = np.inf
-    return np.argsort(d, axis=1, kind="stable")[:, :n]
+    if n < 1:
+        raise ValueError(f"n: {n!r} must be at least 1")
+    ref_chunks: Iterable[Sequence[str]]
+    if isinstance(reference, Sequence) and (len(reference) == 0 or isinstance(reference[0], str)):
+        ref_chunks = (reference[i:i + chunk] for i in range(0, len(reference), chunk))
+    else:
+        ref_chunks = reference  # type: ignore[assignment]
+    q = kmer_profiles(query, k)
+    best_d = np.full((len(q), n), np.inf)
+    best_i = np.full((len(q), n), -1, dtype=np.int64)
+    offset = 0
+    for refs in ref_chunks:
+        r = kmer_profiles(refs, k)
+        for a in range(0, len(q), query_chunk):
+            d = np.abs(q[a:a + query_chunk, None, :] - r[None, :, :]).sum(axis=2)
+            if exclude_self:
+                d[d == 0] = np.inf
+            idx = np.broadcast_to(np.arange(offset, offset + len(r)), d.shape)
+            cand_d = np.concatenate([best_d[a:a + query_chunk], d], axis=1)
+            cand_i = np.concatenate([best_i[a:a + query_chunk], idx], axis=1)
+            # by distance, then by reference index (earlier chunks hold smaller indices): a stable global sort
+            order = np.lexsort((cand_i, cand_d), axis=1)[:, :n]
+            best_d[a:a + query_chunk] = np.take_along_axis(cand_d, order, axis=1)
+            best_i[a:a + query_chunk] = np.take_along_axis(cand_i, order, axis=1)
+        offset += len(r)
+    if n > offset:
+        raise ValueError(f"n: {n!r} must be in [1, {offset}]")
+    return best_i
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -130,13 +131,10 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
 
 def test_same_seed_same_metrics(setup) -> None:
     """Generation, random draws and bootstrap are seeded: a second run gives the same numbers."""
-    from g2p.judge import Judge
-    from g2p.pipeline import load_pipeline
     from pipelines import evaluate
 
     tmp, root = setup["tmp"], setup["root"]
-    gen = load_pipeline(str(tmp / "g2pdiffusion"))
-    judge = Judge.from_pretrained(tmp / "judge")
+    gen, judge = str(tmp / "g2pdiffusion"), str(tmp / "judge")
     data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
                                    CFG.vae.image_size)
     ecfg = CFG.evaluate
@@ -212,3 +210,56 @@ def test_without_synthetic_truth_the_gold_standard_is_absent_with_its_reason(set
     assert "bergmann_slope" not in res["variation"] and res["variation"]["bergmann_truth"] is None
     assert "g2pdiffusion" in res["seen"]  # everything else is measured as usual
     assert f"Not measured: {summary['reason']}" in (tmp_path / "reports" / "report.md").read_text()
+
+
+def test_actor_metrics_equal_the_definitions_computed_in_process(setup) -> None:
+    """The rows graded in Ray actors give the numbers of the definitions computed here on the same images:
+    generated images from image_seed(seed, i, j), best of k of judge cosines, ground truth as reference,
+    nearest neighbour by k-mer L1, species accuracy against the split's prototypes."""
+    from g2p.evaluation import metrics as M
+    from g2p.judge import Judge
+    from g2p.pipeline import generate_uint8, load_pipeline
+    from pipelines import evaluate
+
+    tmp, root = setup["tmp"], setup["root"]
+    data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
+                                   CFG.vae.image_size)
+    ecfg = dataclasses.replace(CFG.evaluate, num_samples=3, ks=(1, 3), vary_barcodes=1, bootstrap_reps=50)
+    sampling = dataclasses.replace(CFG.sampling, steps=2)
+    res, _ = evaluate.evaluate(str(tmp / "g2pdiffusion"), str(tmp / "judge"), data, ecfg, sampling=sampling,
+                               progress=False)
+    pipe = load_pipeline(str(tmp / "g2pdiffusion")).with_scheduler(sampling.scheduler)
+    judge = Judge.from_pretrained(tmp / "judge")
+    arr, tr = data.splits["seen"], data.train
+    sel = evaluate.select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)
+    bcs = [arr.barcode[i] for i in sel]
+    bc = judge.embed_barcodes(bcs)
+    names, protos = M.species_prototypes(judge.embed_barcodes(list(arr.barcode)).numpy(), arr.species)
+
+    def row(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        b, k = images.shape[:2]
+        emb = judge.embed_images(images.reshape(b * k, *images.shape[2:])).reshape(b, k, -1)
+        hits = M.species_hits(emb.reshape(b * k, -1).numpy(), np.repeat(arr.species[sel], k), names, protos)
+        return (emb * bc[:, None]).sum(-1).numpy(), hits.reshape(b, k).mean(1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors (one CPU each)
+    try:
+        lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
+        lon = [float(arr.lon[i]) if arr.has_place[i] else None for i in sel]
+        gen = generate_uint8(pipe, bcs, lat, lon, ecfg.num_samples, ecfg.seed, len(sel) * ecfg.num_samples,
+                             aligner_guidance_scale=sampling.aligner_guidance_scale, num_inference_steps=2,
+                             guidance_scale=sampling.guidance_scale)
+    finally:
+        torch.set_num_threads(threads)
+    gt, _ = row(arr.images[torch.as_tensor(sel)][:, None])
+    nn = M.nearest_barcodes(bcs, tr.barcode, n=ecfg.num_samples)
+    for name, images in (("g2pdiffusion", gen), ("nearest_neighbour", tr.images[torch.as_tensor(nn)])):
+        scores, acc = row(images)
+        m = res["seen"][name]
+        for k in (1, 3):
+            assert m[f"score@{k}"] == pytest.approx(M.best_of_k(scores, k).mean(), abs=1e-5)
+            assert m[f"relative_score@{k}"] == pytest.approx(M.best_of_k(scores, k).mean() / gt[:, 0].mean(),
+                                                             abs=1e-5)
+        assert m["species_accuracy"] == pytest.approx(acc.mean(), abs=1e-9)
+    assert res["seen"]["ground_truth"]["score@1"] == pytest.approx(gt[:, 0].mean(), abs=1e-5)
