@@ -150,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         section = dataclasses.replace(section, concurrency=args.concurrency)
     try:
         summary = predict(model=args.model, input=args.input, output=args.output, num_images=args.num_images,
-                          steps=args.steps, guidance_scale=args.guidance_scale,
+                          steps=args.steps or None, guidance_scale=args.guidance_scale,
                           aligner_guidance_scale=args.aligner_guidance_scale, scheduler=args.scheduler,
                           seed=args.seed, judge=args.judge, columns=parse_columns(args.column), section=section,
                           overwrite=args.overwrite, progress=not args.quiet)
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd_.add_argument("--input", required=True, help="Parquet file or folder, or CSV, at a path or URI: a barcode "
                      "column; optional latitude, longitude, seed; other columns carried through")
     pd_.add_argument("--output", required=True, help="folder or URI (s3://...) for the part-NNNNNN.parquet files")
-    pd_.add_argument("--num-images", type=int, default=1, help="images per row (default 1)")
+    pd_.add_argument("--num-images", type=int, default=1, help="images per row (default 1; --steps 0: the model's)")
     pd_.add_argument("--judge", default=None, help="Judge folder for scores (a registered model brings its own)")
     pd_.add_argument("--column", action="append", metavar="ROLE=NAME",
                      help="input column for a role (barcode, latitude, longitude, seed), e.g. barcode=dna_barcode")

@@ -178,7 +178,8 @@ def test_prediction_to_an_s3_uri(setup, ray_local, tmp_path_factory) -> None:
         s = _run(setup, uri, steps=2)
         assert s["records"] == 40 and s["errors"] == len(BAD) and s["shards_written"] == 7
         fs, path = pafs.FileSystem.from_uri(uri)
-        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.startswith("part-"))
+        infos = fs.get_file_info(pafs.FileSelector(path))
+        names = sorted(i.base_name for i in infos if i.base_name.startswith("part-"))
         assert names == [f"part-{i:06d}.parquet" for i in range(7)]
         table = pq.read_table(path, filesystem=fs)
         assert table.num_rows == 40 and table.column("error").null_count == 40 - len(BAD)
