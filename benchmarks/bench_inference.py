@@ -140,8 +140,10 @@ def resume(model: str, judge: str | None, work: Path, rows: int, steps: int, env
     cmd = predict_cmd(model, judge, table, out, params, steps)
     shards = -(-rows // 256)
     t0 = time.perf_counter()
+    # Ctrl-C's signal, to the whole group; restored to its default first, since a shell starts background
+    # jobs with SIGINT ignored and children inherit that
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while len(list(out.glob("part-*.parquet"))) < shards // 2 and p.poll() is None:
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGINT)

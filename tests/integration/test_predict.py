@@ -85,7 +85,8 @@ def test_interrupted_prediction_resumes_without_redoing_written_shards(setup, tm
     cmd = [sys.executable, "-m", "pipelines.cli", "predict", "--model", str(setup["tmp"] / "model"),
            "--input", str(setup["tmp"] / "in.csv"), "--output", str(out), "--steps", "2",
            "--params", str(setup["tmp"] / "slow.yaml"), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
     try:
         deadline = time.time() + 240
         while len(list(out.glob("part-*.parquet"))) < 10 and time.time() < deadline and proc.poll() is None:
