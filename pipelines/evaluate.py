@@ -264,12 +264,24 @@ def run_tasks(tasks: list[str], *, models: dict[str, Any], images: dict[str, np.
               progress: bool):
     """Yield the actors' results as they come (a Ray Data actor pool over the tasks)."""
     import ray
+
+    from pipelines.ray_train import ensure_ray
+
+    started = not ray.is_initialized()  # a Ray this call starts, it stops (callers in one process go on clean)
+    ensure_ray()
+    try:
+        yield from _pool(tasks, models, images, protos, knobs, ecfg, section, total_images, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _pool(tasks, models, images, protos, knobs, ecfg, section, total_images, progress):
+    import ray
     import ray.data
 
     from pipelines import shards
-    from pipelines.ray_train import ensure_ray
 
-    ensure_ray()
     shards.data_context(preserve_order=False)
     refs = {k: ray.put(v) for k, v in images.items()}
     actors = min(section.actors(ray.cluster_resources()), len(tasks))

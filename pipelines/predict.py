@@ -405,12 +405,9 @@ def predict(*, model: str, input: str, output: str, num_images: int = 1, steps: 
     """Run (or resume) a batch prediction; a summary (rows, records, errors, shards written and skipped,
     images/s). See the module docstring."""
     import ray
-    import ray.data
 
     from g2p.batch import Knobs
     from g2p.pipeline import saved_config
-    from pipelines import shards
-    from pipelines.ray_train import ensure_ray
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images: {num_images!r} must be an integer >= 1")
@@ -454,38 +451,55 @@ def predict(*, model: str, input: str, output: str, num_images: int = 1, steps: 
         summary: dict[str, Any] = {"rows": staged["rows"], "records": total_images, "shards": staged["shards"],
                                    "shards_skipped": len(done), "shards_written": 0, "images": 0,
                                    "model_version": src.version, "output": output}
-        if todo:
-            ensure_ray()
-            shards.data_context(preserve_order=False)
-            payload = ray.put({"generator": _folder_bytes(src.generator), "judge": _folder_bytes(src.judge),
-                               "version": src.version})
-            actors = min(section.actors(ray.cluster_resources()), len(todo))
-            ds = ray.data.from_items([{"shard": i, "row_start": i * rps} for i in todo],
-                                     override_num_blocks=len(todo))
-            ds = ds.map_batches(Predictor, batch_size=1, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                                num_cpus=section.num_cpus_per_actor, num_gpus=section.num_gpus_per_actor,
-                                fn_constructor_kwargs={"model": payload, "out": out,
-                                                       "knobs": dataclasses.asdict(knobs), "num_images": num_images,
-                                                       "seed": seed, "section": dataclasses.asdict(section),
-                                                       "columns": cols})
-            bar = _progress_bar(total_images, done_images, progress)
-            t1 = time.perf_counter()
-            busy: dict[int, float] = {}
-            for r in ds.iter_rows():
-                summary["shards_written"] += 1
-                summary["images"] += int(r["images"])
-                busy[int(r["pid"])] = busy.get(int(r["pid"]), 0.0) + float(r["seconds"])
-                bar.update(int(r["images"]) + int(r["errors"]))
-            bar.close()
-            # images/s of the whole pool run (actor start-up included), and while the actors worked
-            # (images / the busiest actor's seconds of shard work: start-up and the idle tail left out)
-            summary["images_per_s"] = round(summary["images"] / max(time.perf_counter() - t1, 1e-9), 3)
-            summary["images_per_busy_s"] = round(summary["images"] / max(max(busy.values()), 1e-9), 3)
-            summary["actors"] = actors
+        started = bool(todo) and not ray.is_initialized()  # a Ray this call starts, it stops
+        try:
+            if todo:
+                summary.update(_run_pool(todo, src, out, knobs, num_images, seed, section, cols, rps, total_images,
+                                         done_images, progress))
+        finally:
+            if started:
+                ray.shutdown()
     summary["errors"] = count_errors(out, staged["shards"])
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _run_pool(todo: list[int], src: ModelSource, out: str, knobs: Any, num_images: int, seed: int,
+              section: PredictSection, cols: dict[str, str], rps: int, total_images: int, done_images: int,
+              progress: bool) -> dict[str, Any]:
+    """The actor pool over the shards still to write; what it did (files, images, rates, actors)."""
+    import ray
+    import ray.data
+
+    from pipelines import shards
+    from pipelines.ray_train import ensure_ray
+
+    ensure_ray()
+    shards.data_context(preserve_order=False)
+    payload = ray.put({"generator": _folder_bytes(src.generator), "judge": _folder_bytes(src.judge),
+                       "version": src.version})
+    actors = min(section.actors(ray.cluster_resources()), len(todo))
+    ds = ray.data.from_items([{"shard": i, "row_start": i * rps} for i in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(Predictor, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                        num_cpus=section.num_cpus_per_actor, num_gpus=section.num_gpus_per_actor,
+                        fn_constructor_kwargs={"model": payload, "out": out, "knobs": dataclasses.asdict(knobs),
+                                               "num_images": num_images, "seed": seed,
+                                               "section": dataclasses.asdict(section), "columns": cols})
+    bar = _progress_bar(total_images, done_images, progress)
+    t1 = time.perf_counter()
+    written, images, busy = 0, 0, {}
+    for r in ds.iter_rows():
+        written += 1
+        images += int(r["images"])
+        busy[int(r["pid"])] = busy.get(int(r["pid"]), 0.0) + float(r["seconds"])
+        bar.update(int(r["images"]) + int(r["errors"]))
+    bar.close()
+    # images/s of the whole pool run (actor start-up included), and while the actors worked
+    # (images / the busiest actor's seconds of shard work: start-up and the idle tail left out)
+    return {"shards_written": written, "images": images,
+            "images_per_s": round(images / max(time.perf_counter() - t1, 1e-9), 3),
+            "images_per_busy_s": round(images / max(max(busy.values()), 1e-9), 3), "actors": actors}
 
 
 def count_errors(out: str, num_shards: int) -> int:
