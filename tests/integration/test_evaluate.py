@@ -129,26 +129,6 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
     assert "reports/metrics.json" in names and "reports/report.md" in names
 
 
-def test_same_seed_same_metrics(setup) -> None:
-    """Generation, random draws and bootstrap are seeded: a second run gives the same numbers."""
-    from pipelines import evaluate
-
-    tmp, root = setup["tmp"], setup["root"]
-    gen, judge = str(tmp / "g2pdiffusion"), str(tmp / "judge")
-    data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
-                                   CFG.vae.image_size)
-    ecfg = CFG.evaluate
-    sampling = dataclasses.replace(CFG.sampling, steps=2)
-    a, _ = evaluate.evaluate(gen, judge, data, ecfg, sampling=sampling, progress=False)
-    b, _ = evaluate.evaluate(gen, judge, data, ecfg, sampling=sampling, progress=False)
-    a.pop("seconds"), b.pop("seconds")
-    assert a == b
-    assert "traits" not in a and "bergmann_slope" not in a["variation"]  # no trait reader: no gold standard
-    assert evaluate.eval_config_hash(ecfg, data) == evaluate.eval_config_hash(ecfg, data)
-    with pytest.raises(ValueError, match="evaluate.ks"):
-        evaluate.evaluate(gen, judge, data, dataclasses.replace(ecfg, ks=(1, 99)), progress=False)
-
-
 def test_vary_grids_share_noise_and_cli_writes_them(setup, capsys) -> None:
     from PIL import Image
 
@@ -212,22 +192,36 @@ def test_without_synthetic_truth_the_gold_standard_is_absent_with_its_reason(set
     assert f"Not measured: {summary['reason']}" in (tmp_path / "reports" / "report.md").read_text()
 
 
-def test_actor_metrics_equal_the_definitions_computed_in_process(setup) -> None:
-    """The rows graded in Ray actors give the numbers of the definitions computed here on the same images:
-    generated images from image_seed(seed, i, j), best of k of judge cosines, ground truth as reference,
-    nearest neighbour by k-mer L1, species accuracy against the split's prototypes."""
+def test_same_seed_same_metrics_equal_to_the_definitions_computed_in_process(setup) -> None:
+    """Generation, random draws and bootstrap are seeded: a second run gives the same numbers. And the rows
+    graded in Ray actors give the numbers of the definitions computed here on the same images: generated
+    images from image_seed(seed, i, j), best of k of judge cosines, ground truth as reference, nearest
+    neighbour by k-mer L1, species accuracy against the split's prototypes."""
+    import ray
+
     from g2p.evaluation import metrics as M
     from g2p.judge import Judge
     from g2p.pipeline import generate_uint8, load_pipeline
     from pipelines import evaluate
+    from pipelines.ray_train import ensure_ray
 
     tmp, root = setup["tmp"], setup["root"]
     data = evaluate.load_eval_data(tmp / "train.safetensors", tmp / "test.safetensors", tmp / "valid.parquet", root,
                                    CFG.vae.image_size)
     ecfg = dataclasses.replace(CFG.evaluate, num_samples=3, ks=(1, 3), vary_barcodes=1, bootstrap_reps=50)
     sampling = dataclasses.replace(CFG.sampling, steps=2)
-    res, _ = evaluate.evaluate(str(tmp / "g2pdiffusion"), str(tmp / "judge"), data, ecfg, sampling=sampling,
-                               progress=False)
+    gen_dir, judge_dir = str(tmp / "g2pdiffusion"), str(tmp / "judge")
+    ensure_ray()  # one Ray for both runs (evaluate leaves a Ray it did not start running)
+    try:
+        res, _ = evaluate.evaluate(gen_dir, judge_dir, data, ecfg, sampling=sampling, progress=False)
+        again, _ = evaluate.evaluate(gen_dir, judge_dir, data, ecfg, sampling=sampling, progress=False)
+    finally:
+        ray.shutdown()
+    assert {k: v for k, v in res.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+    assert "traits" not in res and "bergmann_slope" not in res["variation"]  # no trait reader: no gold standard
+    assert evaluate.eval_config_hash(ecfg, data) == evaluate.eval_config_hash(ecfg, data)
+    with pytest.raises(ValueError, match="evaluate.ks"):
+        evaluate.evaluate(gen_dir, judge_dir, data, dataclasses.replace(ecfg, ks=(1, 99)), progress=False)
     pipe = load_pipeline(str(tmp / "g2pdiffusion")).with_scheduler(sampling.scheduler)
     judge = Judge.from_pretrained(tmp / "judge")
     arr, tr = data.splits["seen"], data.train
