@@ -2,7 +2,7 @@
 
 A throwaway git + DVC repository gets this checkout's pipeline files
 (dvc.yaml, g2p/, pipelines/), a tiny params.yaml and tiny synthetic data, then
-real DVC, a local Ray cluster (Ray Data in ``prepare``, Ray Train in every
+real DVC, a one-node Ray cluster started with ``ray start`` (Ray Data in ``prepare``, Ray Train in every
 training stage) and a real sqlite MLflow store run end to end. Checks: the
 generator folder loads and samples, `dvc metrics show` lists every stage, each
 stage has a nested MLflow run under one parent, and changing a sampling knob
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.raycluster import RayCluster
 from tests.tiny_pipeline import TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,10 +34,13 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return repo, make_tiny_repo(repo, synth)
 
 
-def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[str, str]]) -> None:
+def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     repo, env = pipeline_repo
     env = begin_pipeline_run(repo, env)
-    run("dvc", "repro", cwd=repo, env=env)
+    # the stages join one Ray started for the test (as a cluster's head) instead of each starting and stopping
+    # its own (~14 s a stage); a stage's own local Ray is ensure_ray's other branch, run by the in-process tests
+    with RayCluster(tmp_path / "ray", num_nodes=1, cpus_per_node=3, object_store_mb=512) as cluster:
+        run("dvc", "repro", cwd=repo, env={**env, **cluster.env()})
 
     # the final model is a diffusers pipeline folder that loads and samples
     import torch

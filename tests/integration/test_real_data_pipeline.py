@@ -11,7 +11,10 @@ records) and the images are placeholders. There is no synthetic ground truth:
 the trait reader is skipped with its reason, ``evaluate`` and the report say
 the truth-based metrics are absent and why, and ``register`` registers the
 model and records the promotion decision. Real DVC, Ray and MLflow (sqlite),
-tiny preset.
+tiny preset. The stages join one Ray started for the test (``ray start``, as a
+cluster's head: ``RAY_ADDRESS``, code through the runtime env) rather than each
+starting and stopping its own (about 14 s a stage); ``test_pipeline.py`` runs
+the stages that start their own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import pytest
 
 from g2p.data.layout import TRUTH_RELPATH
 from tests.fixtures import build_root, replicated_records
+from tests.raycluster import RayCluster
 from tests.tiny_pipeline import TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,11 +50,13 @@ def real_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return repo, make_tiny_repo(repo, import_real, steps=2, params={"ray": {"num_workers": 1}})
 
 
-def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict[str, str]]) -> None:
+def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict[str, str]],
+                                                     tmp_path: Path) -> None:
     repo, env = real_repo
     assert not (repo / "data" / TRUTH_RELPATH).exists()
     env = begin_pipeline_run(repo, env)
-    out = run("dvc", "repro", cwd=repo, env=env)
+    with RayCluster(tmp_path / "ray", num_nodes=1, cpus_per_node=3, object_store_mb=512) as cluster:
+        out = run("dvc", "repro", cwd=repo, env={**env, **cluster.env()})
     assert "Running stage 'register'" in out, out
 
     # every record of the import passed validation (species with spaces, records without a place)
