@@ -117,13 +117,13 @@ def load_section(path: str | Path = "params.yaml") -> PredictSection:
 
 
 @dataclass
-class ModelSource:
+class ModelFolders:
     generator: Path
     judge: Path | None
     version: str
 
 
-def resolve_model(model: str, judge: str | None, workdir: Path, tracking_uri: str | None = None) -> ModelSource:
+def resolve_model(model: str, judge: str | None, workdir: Path, tracking_uri: str | None = None) -> ModelFolders:
     """A pipeline folder (``judge``: an optional Judge folder) or ``models:/NAME@ALIAS`` / ``models:/NAME/V``
     (the registered pyfunc's generator and bundled judge, downloaded into ``workdir``)."""
     if not model.startswith("models:/"):
@@ -133,7 +133,7 @@ def resolve_model(model: str, judge: str | None, workdir: Path, tracking_uri: st
             raise FileNotFoundError(f"judge: {judge!r} is not a folder")
         from serving.core import folder_version
 
-        return ModelSource(Path(model), Path(judge) if judge else None, f"folder:{folder_version(model, judge)}")
+        return ModelFolders(Path(model), Path(judge) if judge else None, f"folder:{folder_version(model, judge)}")
     import mlflow
     import yaml
 
@@ -151,7 +151,7 @@ def resolve_model(model: str, judge: str | None, workdir: Path, tracking_uri: st
     jd = local / arts["judge"]["path"] if "judge" in arts and (local / arts["judge"]["path"]).is_dir() else None
     if judge is not None:
         jd = Path(judge)
-    return ModelSource(gen, jd, f"{name}/{version}")
+    return ModelFolders(gen, jd, f"{name}/{version}")
 
 
 def _folder_bytes(folder: Path | None) -> dict[str, bytes] | None:
@@ -464,7 +464,7 @@ def predict(*, model: str, input: str, output: str, num_images: int = 1, steps: 
     return summary
 
 
-def _run_pool(todo: list[int], src: ModelSource, out: str, knobs: Any, num_images: int, seed: int,
+def _run_pool(todo: list[int], src: ModelFolders, out: str, knobs: Any, num_images: int, seed: int,
               section: PredictSection, cols: dict[str, str], rps: int, total_images: int, done_images: int,
               progress: bool) -> dict[str, Any]:
     """The actor pool over the shards still to write; what it did (files, images, rates, actors)."""
