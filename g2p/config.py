@@ -204,6 +204,11 @@ class DiffusionConfig:
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
+    # Loss weight per example: "none" (eq. 6 as written) or "min_snr" (Hang et al., ICCV 2023: an
+    # epsilon-prediction example at timestep t weighs min(SNR_t, gamma) / SNR_t, SNR_t = gamma_t / (1 - gamma_t),
+    # so the low-noise steps, which are easy, stop dominating the gradient; reported ~3.4x faster convergence).
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
 
 
 @dataclass(frozen=True)

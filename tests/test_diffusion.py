@@ -183,3 +183,37 @@ def test_vae_loss_falls():
         out["loss"].backward()
         opt.step()
     assert out["rec"] < 0.6 * first["rec"]
+
+
+def test_min_snr_weights_cap_the_easy_low_noise_steps():
+    from g2p.diffusion.losses import min_snr_weights
+
+    sched = build_train_scheduler(DiffusionConfig())
+    t = torch.tensor([0, 50, 200, 500, 900, 999])
+    w = min_snr_weights(sched, t, 5.0)
+    ab = sched.alphas_cumprod.double()[t]
+    snr = ab / (1 - ab)
+    torch.testing.assert_close(w, (torch.clamp(snr, max=5.0) / snr).float())
+    assert w[0] < 0.01 and w[-1] == 1.0 and bool((w[1:] >= w[:-1]).all())  # more noise, no less weight
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        min_snr_weights(sched, t, 0.0)
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_the_per_example_losses():
+    cfg = tiny_config()
+    den = tiny_denoiser(cfg)
+    sched = build_train_scheduler(cfg.diffusion)
+    z0 = torch.randn(6, *latent_shape(cfg))
+    ctx, mask, _ = random_context(6)
+    plain = DiffusionConfig(condition_dropout=0.0)
+    huge = DiffusionConfig(condition_dropout=0.0, loss_weighting="min_snr", min_snr_gamma=1e12)
+    small = DiffusionConfig(condition_dropout=0.0, loss_weighting="min_snr", min_snr_gamma=1.0)
+    a = diffusion_loss(den, z0, ctx, mask, sched, plain, torch.Generator().manual_seed(3))
+    b = diffusion_loss(den, z0, ctx, mask, sched, huge, torch.Generator().manual_seed(3))
+    c = diffusion_loss(den, z0, ctx, mask, sched, small, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)  # a gamma above every SNR weighs every example 1: the plain loss
+    assert c < a  # weights <= 1, and below 1 at the low-noise steps drawn
+    c.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in den.parameters())
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        tiny_config().override({"diffusion": {"loss_weighting": "snr"}})

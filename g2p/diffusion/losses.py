@@ -15,7 +15,7 @@ from torch import Tensor
 from g2p.config import DiffusionConfig
 from g2p.diffusion.schedule import add_noise, randn_like, sample_timesteps
 
-__all__ = ["diffusion_loss", "info_nce", "contrastive_logits"]
+__all__ = ["diffusion_loss", "min_snr_weights", "info_nce", "contrastive_logits"]
 
 
 def diffusion_loss(
@@ -39,7 +39,8 @@ def diffusion_loss(
     3. each example's context is replaced by the denoiser's learned null
        context with probability p, so the same network also learns
        f_theta(X_t, t, null) and CFG needs no second model
-    4. loss = mean (eps - f_theta(X_t, t, c))^2
+    4. loss = mean (eps - f_theta(X_t, t, c))^2; with ``cfg.loss_weighting ==
+       "min_snr"`` each example's mean is weighted by :func:`min_snr_weights`
 
     ``denoiser`` is a :class:`g2p.models.unet.Denoiser` (``drop_condition`` + forward).
     """
@@ -54,9 +55,22 @@ def diffusion_loss(
         u = torch.rand(b, generator=generator, device=generator.device if generator else z0.device)
         drop = (u < cfg.condition_dropout).to(z0.device)  # (B,)
         context, context_mask = denoiser.drop_condition(context, context_mask, drop)
-    # 4. epsilon MSE
+    # 4. epsilon MSE, optionally Min-SNR-gamma weighted per example
     eps_hat = denoiser(x_t, t, context, context_mask)  # (B, C, h, w)
-    return F.mse_loss(eps_hat.float(), eps.float())
+    if cfg.loss_weighting == "none":
+        return F.mse_loss(eps_hat.float(), eps.float())
+    per = (eps_hat.float() - eps.float()).pow(2).mean(dim=tuple(range(1, eps.dim())))  # (B,)
+    return (min_snr_weights(scheduler, t, cfg.min_snr_gamma).to(per.device) * per).mean()
+
+
+def min_snr_weights(scheduler: SchedulerMixin, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma weights of epsilon-prediction examples at timesteps ``t`` (B,): min(SNR_t, gamma) / SNR_t,
+    SNR_t = gamma_t / (1 - gamma_t) (Hang et al., ICCV 2023). 1 where SNR_t <= gamma (high noise)."""
+    if gamma <= 0:
+        raise ValueError(f"diffusion.min_snr_gamma: {gamma!r} must be > 0")
+    ab = scheduler.alphas_cumprod.to(torch.float64)[t.cpu().long()]
+    snr = ab / (1.0 - ab)
+    return (torch.clamp(snr, max=gamma) / snr).float()
 
 
 def contrastive_logits(image_emb: Tensor, cond_emb: Tensor, logit_scale: Tensor) -> Tensor:
