@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import torch
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
 from g2p.evaluation.rows import GENERATED, REFERENCE, REGISTRY, ROWS
+from pipelines.eval_pool import TASK_IMAGES, progress_bar, run_tasks
 from pipelines.eval_report import write_figures, write_plots, write_report
 
 
@@ -119,106 +118,6 @@ def mean_trait_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
-
-
-TASK_IMAGES = 256  # real images per judge task (threshold pairs, the judge's own accuracy)
-SHOWN = 6  # barcodes per split whose images come back for the report's sample sheets
-
-
-class Grader:
-    """A Ray Data actor: evaluation tasks in, per-barcode summaries out; images are made and graded here.
-
-    Holds the pipeline, the judge and the trait reader once (their folders
-    travel as bytes through the object store), and reads real images from the
-    arrays the driver put in the object store (zero-copy on the same node)."""
-
-    def __init__(self, models: Any, images: dict[str, Any], protos: dict[str, tuple[np.ndarray, np.ndarray]],
-                 knobs: dict[str, Any], num_samples: int, seed: int, threads: int) -> None:
-        import tempfile
-
-        import diffusers
-        import ray
-
-        from g2p.judge import Judge
-        from g2p.pipeline import load_pipeline
-        from pipelines.predict import _materialise
-
-        diffusers.utils.logging.disable_progress_bar()
-        models = ray.get(models) if isinstance(models, ray.ObjectRef) else models
-        torch.set_num_threads(threads)
-        self._tmp = tempfile.TemporaryDirectory(prefix="g2p-evaluate-")
-        root = Path(self._tmp.name)
-        pipe = load_pipeline(str(_materialise(models["generator"], root / "generator")))
-        self.pipe = pipe.with_scheduler(knobs["scheduler"])
-        self.judge = Judge.from_pretrained(_materialise(models["judge"], root / "judge")).eval()
-        self.reader = None
-        if models.get("trait_reader"):
-            from g2p.trait_reader import TraitReader
-
-            self.reader = TraitReader.from_pretrained(_materialise(models["trait_reader"], root / "trait_reader"))
-        with warnings.catch_warnings():  # the object store's arrays are read-only: read, never written
-            warnings.simplefilter("ignore", UserWarning)
-            self.images = {k: torch.from_numpy(ray.get(v) if isinstance(v, ray.ObjectRef) else v)
-                           for k, v in images.items()}
-        self.protos, self.knobs, self.n, self.seed = protos, knobs, num_samples, seed
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # a result is nested Python (arrays in dicts): serialised here, as Ray would after Arrow refused it;
-        # a message between our own processes, never a file
-        return {"result": np.array([pickle.dumps(self.run(json.loads(t)), protocol=5) for t in batch["task"]],
-                                   dtype=object)}
-
-    def run(self, task: dict[str, Any]) -> dict[str, Any]:
-        from g2p.evaluation.grading import grade_rows, pair_scores
-        from g2p.pipeline import generate_uint8
-
-        kind = task["kind"]
-        if kind == "pairs":  # the threshold's true and shuffled training pairs
-            t, s = pair_scores(self.judge, self.images["train"][torch.as_tensor(task["idx"])], task["true"],
-                               task["shuffled"])
-            return {"kind": kind, "at": task["at"], "true": t, "shuffled": s}
-        if kind == "split":  # the judge's own species accuracy on real images; the reader's body sizes
-            ims = self.images[task["split"]][torch.as_tensor(task["idx"])]
-            names, protos = self.protos[task["split"]]
-            with torch.no_grad():
-                hits = species_hits_of(self.judge, ims, np.asarray(task["species"], dtype=object), names, protos)
-            size = self.reader.predict(ims)["body_size"] if self.reader is not None and task["sizes"] else None
-            return {"kind": kind, "split": task["split"], "at": task["at"], "hits": hits, "body_size": size}
-        split = task["split"]
-        arr = self.images[split]
-        species = np.asarray(task["species"], dtype=object)
-        images: dict[str, torch.Tensor] = {}
-        for r in REGISTRY:
-            if r.source == "record":
-                images[r.name] = arr[torch.as_tensor(task["record"])][:, None]
-            elif r.source == "other_species":
-                images[r.name] = arr[torch.as_tensor(task["other_species"])]
-            elif r.source == "nearest_barcodes":
-                images[r.name] = self.images["train"][torch.as_tensor(task["nearest_barcodes"])]
-            else:  # generated: image j of barcode i from image_seed(seed, i, j) in every generated row
-                w = self.knobs["aligner_guidance_scale"] if r.aligner else 0.0
-                images[r.name] = generate_uint8(
-                    self.pipe, task["barcodes"], task["lat"], task["lon"], self.n, self.seed,
-                    len(task["barcodes"]) * self.n, seed_index=task["pos"], aligner_guidance_scale=w,
-                    num_inference_steps=self.knobs["steps"], guidance_scale=self.knobs["guidance_scale"])
-        names, protos = self.protos[split]
-        graded = grade_rows(self.judge, self.reader, images, task["barcodes"], species, names, protos)
-        shown = [i for i, p in enumerate(task["pos"]) if p < SHOWN]
-        keep = {r.name: images[r.name][shown][:, :2 if r.source == "generated" else 1].numpy() for r in REGISTRY}
-        return {"kind": kind, "split": split, "pos": task["pos"], "rows": graded,
-                "shown": [task["pos"][i] for i in shown], "images": keep,
-                "generated": len(task["barcodes"]) * self.n * sum(r.source == "generated" for r in REGISTRY)}
-
-
-def species_hits_of(judge, images: torch.Tensor, species: np.ndarray, names: np.ndarray,
-                    protos: np.ndarray) -> np.ndarray:
-    return M.species_hits(judge.embed_images(images).numpy(), species, names, protos)
-
-
 def _tasks(data: EvalData, ecfg, with_sizes: bool) -> tuple[list[str], dict]:
     """The evaluation as small JSON tasks (indices and barcodes; no images) and what the driver keeps."""
     seed = ecfg.seed
@@ -257,47 +156,6 @@ def _tasks(data: EvalData, ecfg, with_sizes: bool) -> tuple[list[str], dict]:
                 "species": [str(x) for x in arr.species[s]], "record": s.tolist(),
                 "other_species": rnd[a:a + per].tolist(), "nearest_barcodes": nn_idx[a:a + per].tolist()}))
     return tasks, keep
-
-
-def run_tasks(tasks: list[str], *, models: dict[str, Any], images: dict[str, np.ndarray],
-              protos: dict[str, Any], knobs: dict[str, Any], ecfg, section, total_images: int,
-              progress: bool):
-    """Yield the actors' results as they come (a Ray Data actor pool over the tasks)."""
-    import ray
-
-    from pipelines.ray_train import ensure_ray
-
-    started = not ray.is_initialized()  # a Ray this call starts, it stops (callers in one process go on clean)
-    ensure_ray()
-    try:
-        yield from _pool(tasks, models, images, protos, knobs, ecfg, section, total_images, progress)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _pool(tasks, models, images, protos, knobs, ecfg, section, total_images, progress):
-    import ray
-    import ray.data
-
-    from pipelines import shards
-
-    shards.data_context(preserve_order=False)
-    refs = {k: ray.put(v) for k, v in images.items()}
-    actors = min(section.actors(ray.cluster_resources()), len(tasks))
-    ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
-    ds = ds.map_batches(Grader, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                        num_cpus=section.num_cpus_per_actor, num_gpus=0,
-                        fn_constructor_kwargs={"models": ray.put(models), "images": refs, "protos": protos,
-                                               "knobs": knobs, "num_samples": ecfg.num_samples, "seed": ecfg.seed,
-                                               "threads": max(1, int(section.num_cpus_per_actor))})
-    bar = _progress(total_images, "evaluate: sampling", progress)
-    for r in ds.iter_rows():
-        res = pickle.loads(r["result"])
-        bar.update(res.get("generated", 0))
-        yield res
-    bar.close()
 
 
 def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str | None = None,
@@ -441,7 +299,7 @@ def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, prog
     n, rates = ecfg.vary_samples, list(ecfg.mutation_rates)
     with_lat = trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ())
     lats = list(ecfg.latitudes) if with_lat else []
-    bar = _progress(len(sel) * n * (len(rates) + len(lats)), "evaluate: variation", progress)
+    bar = progress_bar(len(sel) * n * (len(rates) + len(lats)), "evaluate: variation", progress)
     v = variation_images(pipe, barcodes, lat, lon, rates=rates, sweep=lats, num_images=n, seed=ecfg.seed,
                          on_images=bar.update, **knobs)
     mut = v.mutation  # (B, R, n, 3, H, W)
