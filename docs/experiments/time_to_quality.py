@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides")
     r.add_argument("--env", nargs="*", default=[], metavar="VAR=VALUE", help="environment of the stage commands")
     r.add_argument("--work", default="/tmp/g2p-ttq", help="scratch folder for the recipes' models")
-    r.add_argument("--samples", type=int, default=2, help="images per val record")
+    r.add_argument("--samples", type=int, default=4, help="images per val record")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the val scoring")
     r.add_argument("--eval-only", action="store_true", help="score an already trained recipe again")
