@@ -118,6 +118,9 @@ def run(stage: str, *, data: str, out: str, init_model: str | None, params: str,
     from pipelines.ray_train import load_data, load_ray_section, run_stage
 
     cfg = load_params(params)
+    if getattr(cfg, stage).steps == 0:
+        return skip(stage, cfg, out=out, init_model=init_model, metrics_dir=metrics_dir, plots_dir=plots_dir,
+                    export=export)
     scaling = load_ray_section(params)
     name = f"{stage}-{run_key(stage, cfg.to_json(), data, init_model, asdict(scaling))}"
     uri = tracking.tracking_uri()
@@ -149,6 +152,40 @@ def run(stage: str, *, data: str, out: str, init_model: str | None, params: str,
                         if k in ("loss", "seconds", "loss_last10_mean") and v is not None}
         tracking._client(uri).log_batch(run_id, metrics=[_metric(k, v, summary["steps"])
                                                          for k, v in mlflow_final.items()])
+    return summary
+
+
+def skip(stage: str, cfg: Any, *, out: str, init_model: str | None, metrics_dir: str, plots_dir: str,
+         export: str = "training") -> dict[str, Any]:
+    """A stage with ``steps: 0``: its output is its input model, unchanged, and no Ray job starts.
+
+    The ``paper`` preset loads Stable Diffusion's VAE and UNet, so its ``train_vae``
+    and ``train_base`` have nothing to train; the embedded default trains the
+    conditional UNet from scratch in ``train_diffusion`` (condition dropout makes
+    the unconditional branch), so its ``train_base`` is skipped too.
+    """
+    if init_model is None:
+        raise ValueError(f"{stage}.steps: 0 (skip the stage) needs --init-model, the model it passes on")
+    from pipelines import storage as st
+    from pipelines import tracking
+
+    dest = Path(out)
+    if dest.exists():
+        shutil.rmtree(dest)
+    src = Path(init_model) if not st.is_uri(init_model) else st.download(init_model, dest.with_name(dest.name + ".in"))
+    if export == "pipeline":
+        from g2p.pipeline import convert_checkpoint
+
+        convert_checkpoint(str(src), str(dest))
+    else:
+        shutil.copytree(src, dest)
+    if src != Path(init_model):
+        shutil.rmtree(src)
+    summary = write_dvc_outputs(stage, [], 0.0, Path(metrics_dir) / f"{stage}.json", Path(plots_dir) / f"{stage}.csv")
+    summary["skipped"] = True
+    uri = tracking.tracking_uri()
+    with tracking.start_stage_run(stage, cfg, log_system_metrics=False) as active:
+        tracking._client(uri).set_tag(active.info.run_id, "skipped", "steps: 0, the input model passed on")
     return summary
 
 

@@ -1,73 +1,78 @@
-"""Quick species-accuracy experiments: train_diffusion variants from models/train_base, judge eval."""
-import sys, time, json, dataclasses, argparse
+"""train_diffusion variants in one process, judged on ``val`` (never test): the quick pilot of time_to_quality.py.
+
+    python docs/experiments/species_harness.py --init /tmp/g2p-ttq/today/models/train_vae --name scratch800 \\
+        --set train_diffusion.steps=800 diffusion.loss_weighting=min_snr
+
+Loads ``--init`` (a training-layout folder, e.g. a recipe's ``models/train_vae``
+to train the conditional UNet from scratch, or ``models/train_base``), applies
+the ``--set`` overrides (any config key, e.g. ``train_diffusion.lr``,
+``diffusion.prediction_type``), trains ``stages.train_diffusion`` in this
+process with ``THREADS`` torch threads (two pilots side by side with one
+thread each share two cores), and scores ``val`` without aligner guidance
+(no aligner is trained here) with :func:`time_to_quality.score_val`. Prints
+the process's CPU seconds (user + kernel, this process only) and writes
+``time_to_quality/pilot_NAME.{json,npz}`` for ``time_to_quality.py compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
 from pathlib import Path
-import numpy as np, torch
-ROOT = Path(__file__).resolve().parents[2]  # the repository
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
-from g2p.model import G2PDiffusion
-from g2p.pipeline import G2PDiffusionPipeline, generate_uint8
-from g2p.judge import Judge
-from g2p.train import stages
-from g2p.evaluation import metrics as M
-from pipelines.ray_train import load_data
-from pipelines.evaluate import select_barcodes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 
-def evaluate(model, judge, test, n=2, cfg_scale=3.0, steps=25, max_species=36, seed=0, guidance=0.0, tag=""):
-    pipe = G2PDiffusionPipeline.from_model(model)
-    sel = select_barcodes(test.species, 1, max_species)
-    bcs = [test.barcode[i] for i in sel]
-    lat = [float(test.lat[i]) if test.has_place[i] else None for i in sel]
-    lon = [float(test.lon[i]) if test.has_place[i] else None for i in sel]
-    t = time.time()
-    imgs = generate_uint8(pipe, bcs, lat, lon, n, seed, num_inference_steps=steps, guidance_scale=cfg_scale,
-                          aligner_guidance_scale=guidance)
-    all_bc = judge.embed_barcodes(list(test.barcode))
-    names, protos = M.species_prototypes(all_bc.numpy(), test.species)
-    b, k = imgs.shape[:2]
-    emb = judge.embed_images(imgs.reshape(b * k, *imgs.shape[2:])).reshape(b, k, -1)
-    sp = np.repeat(test.species[sel], k)
-    hits = M.species_hits(emb.reshape(b * k, -1).numpy(), sp, names, protos)
-    bc = all_bc[torch.as_tensor(sel)]
-    sc = (emb * bc[:, None]).sum(-1).numpy()
-    out = {"tag": tag, "cfg": cfg_scale, "w": guidance, "species_acc": float(hits.mean()), "score": float(sc.mean()),
-           "sec": round(time.time() - t, 1)}
-    print(json.dumps(out), flush=True)
-    return out, imgs
 
-if __name__ == "__main__":
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> None:
+    from g2p.model import G2PDiffusion
+    from g2p.pipeline import G2PDiffusionPipeline
+    from g2p.train import stages
+    from pipelines.ray_train import load_data
+    from time_to_quality import RESULTS, score_val
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--init", default=str(ROOT / "models/train_base"))
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--set", nargs="*", default=[])
-    ap.add_argument("--eval-only", action="store_true")
-    ap.add_argument("--cfgs", default="3")
-    ap.add_argument("--save", default="")
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--lora-only", action="store_true", help="lora.finetune_base=false (the old default)")
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--samples", type=int, default=2)
     a = ap.parse_args()
     model = G2PDiffusion.from_pretrained(a.init)
-    for kv in a.set:  # e.g. diffusion.timestep_sampling=logit_normal
-        key, val = kv.split("=", 1)
-        try:
-            value = json.loads(val)
-        except json.JSONDecodeError:
-            value = val
-        model.cfg = model.cfg.set(key, value)
-    cfg = model.cfg
-    judge = Judge.from_pretrained(f"{ROOT}/models/judge")
-    test = load_data(f"{ROOT}/outputs/prepared/val", ["val"], cfg.vae.image_size)  # choose on val, never test
-    if not a.eval_only:
-        train = load_data(f"{ROOT}/outputs/prepared/train", ["train"], cfg.vae.image_size)
-        lat = stages.encode_latents(model, train.images)
-        # the whole UNet trains unless --lora-only (lora.finetune_base, default on)
-        model.cfg = model.cfg.set("lora.finetune_base", not a.lora_only)
-        tc = dataclasses.replace(cfg.train_diffusion, steps=a.steps, lr=a.lr)
-        t = time.time()
-        stages.train_diffusion(model, train, tc, latents=lat, progress=False)
-        print("train s", round(time.time() - t), flush=True)
-        if a.save:
-            model.save_pretrained(a.save)
-    for c in [float(x) for x in a.cfgs.split(",")]:
-        evaluate(model, judge, test, cfg_scale=c, tag=a.tag)
+    for kv in a.set:
+        key, raw = kv.split("=", 1)
+        model.cfg = model.cfg.set(key, yaml.safe_load(raw))
+    train = load_data(ROOT / "outputs/prepared/train", ["train"], model.cfg.vae.image_size)
+    c0, t0 = cpu(), time.time()
+    latents = stages.encode_latents(model, train.images)
+    stages.train_diffusion(model, train, model.cfg.train_diffusion, latents=latents, progress=False)
+    out = {"name": f"pilot_{a.name}", "set": a.set, "init": a.init, "threads": torch.get_num_threads(),
+           "cpu_s": round(cpu() - c0, 1), "kernel_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1),
+           "wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(out), flush=True)
+    pipe = G2PDiffusionPipeline.from_model(model)
+    res = score_val(pipe, ROOT / "models/judge", a.samples, 0, torch.get_num_threads(), aligner_guidance_scale=0.0)
+    np.savez(RESULTS / f"pilot_{a.name}.npz", **{f"{s}.{k}": v for s, d in res.items() for k, v in d.items()})
+    out["val"] = {s: {"species_acc": float(d["hit"].mean()), "score1": float(d["score"].mean())}
+                  for s, d in res.items()}
+    out["samples"] = a.samples
+    (RESULTS / f"pilot_{a.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["val"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,8 +107,12 @@ def train(name: str, overrides: list[str], env_kv: list[str], work: Path) -> dic
             "wall_s": round(sum(r["wall_s"] for r in stages.values()), 1)}
 
 
-def score_val(model_dir: Path, judge_dir: Path, samples: int, seed: int, threads: int) -> dict[str, dict]:
-    """Per record of each val split: species hit rate and mean judge score over ``samples`` images."""
+def score_val(model: Path | object, judge_dir: Path, samples: int, seed: int, threads: int,
+              **knobs: object) -> dict[str, dict]:
+    """Per record of each val split: species hit rate and mean judge score over ``samples`` images.
+
+    ``model``: a pipeline folder or a loaded pipeline; ``knobs`` override its sampling settings.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -117,7 +121,8 @@ def score_val(model_dir: Path, judge_dir: Path, samples: int, seed: int, threads
     from g2p.pipeline import generate_uint8, load_pipeline
     from pipelines.ray_train import load_data
 
-    pipe, judge = load_pipeline(str(model_dir)), Judge.from_pretrained(str(judge_dir))
+    pipe = load_pipeline(str(model)) if isinstance(model, (str, Path)) else model
+    judge = Judge.from_pretrained(str(judge_dir))
     out = {}
     for split in SPLITS:
         arr = load_data(ROOT / "outputs" / "prepared" / split, [split], pipe.cfg.vae.image_size)
@@ -130,7 +135,7 @@ def score_val(model_dir: Path, judge_dir: Path, samples: int, seed: int, threads
         for i in range(0, n, step):
             sl = slice(i, min(n, i + step))
             imgs = generate_uint8(pipe, list(arr.barcode[sl]), lat[sl], lon[sl], samples, seed,
-                                  seed_index=list(range(sl.start, sl.stop)))  # (b, s, 3, H, W)
+                                  seed_index=list(range(sl.start, sl.stop)), **knobs)  # (b, s, 3, H, W)
             b = imgs.shape[0]
             emb = judge.embed_images(imgs.flatten(0, 1)).reshape(b, samples, -1)
             h = M.species_hits(emb.flatten(0, 1).numpy(), np.repeat(arr.species[sl], samples), names, protos)

@@ -1,0 +1,55 @@
+"""A training stage with ``steps: 0`` passes its input model on unchanged and starts no Ray job.
+
+The ``paper`` preset skips train_vae and train_base (Stable Diffusion's weights);
+the embedded default skips train_base (the conditional UNet trains from scratch
+with condition dropout). Real MLflow (sqlite) records the skipped stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from g2p.config import preset
+from g2p.model import G2PDiffusion
+from pipelines import stage
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_zero_steps_copies_the_input_model_without_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("G2P_PIPELINE_RUN_ID", raising=False)
+    cfg = preset("tiny").set("train_base.steps", 0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    G2PDiffusion(cfg).save_pretrained(tmp_path / "in")
+    summary = stage.run("train_base", data=str(tmp_path / "no-such-data"), out=str(tmp_path / "out"),
+                        init_model=str(tmp_path / "in"), params=str(params), splits=["train"], grid_data=None,
+                        metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots"))
+    assert summary["skipped"] and summary["steps"] == 0
+    assert _files(tmp_path / "out") == _files(tmp_path / "in")
+    assert json.loads((tmp_path / "metrics" / "train_base.json").read_text())["steps"] == 0
+    assert (tmp_path / "plots" / "train_base.csv").read_text().splitlines() == ["step,loss"]
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()])
+    assert [r.data.tags.get("skipped", "")[:8] for r in runs if r.data.tags.get("g2p.stage") == "train_base"] == \
+        ["steps: 0"]
+
+
+def test_zero_steps_needs_an_input_model(tmp_path: Path) -> None:
+    cfg = preset("tiny").set("train_base.steps", 0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with pytest.raises(ValueError, match="train_base.steps: 0"):
+        stage.run("train_base", data="x", out=str(tmp_path / "out"), init_model=None, params=str(params),
+                  splits=["train"], grid_data=None, metrics_dir=str(tmp_path), plots_dir=str(tmp_path))
