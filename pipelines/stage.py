@@ -181,11 +181,12 @@ def skip(stage: str, cfg: Any, *, out: str, init_model: str | None, metrics_dir:
         shutil.copytree(src, dest)
     if src != Path(init_model):
         shutil.rmtree(src)
+    reason = f"{stage}.steps: 0, the input model passed on unchanged"
     summary = write_dvc_outputs(stage, [], 0.0, Path(metrics_dir) / f"{stage}.json", Path(plots_dir) / f"{stage}.csv")
-    summary["skipped"] = True
-    uri = tracking.tracking_uri()
-    with tracking.start_stage_run(stage, cfg, log_system_metrics=False) as active:
-        tracking._client(uri).set_tag(active.info.run_id, "skipped", "steps: 0, the input model passed on")
+    summary.update(skipped=True, reason=reason)
+    Path(metrics_dir, f"{stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with tracking.start_stage_run(stage, cfg, log_system_metrics=False) as active:  # the run says why
+        tracking._client(tracking.tracking_uri()).set_tag(active.info.run_id, "g2p.skipped", reason)
     return summary
 
 

@@ -35,15 +35,16 @@ def test_zero_steps_copies_the_input_model_without_ray(tmp_path: Path, monkeypat
                         metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots"))
     assert summary["skipped"] and summary["steps"] == 0
     assert _files(tmp_path / "out") == _files(tmp_path / "in")
-    assert json.loads((tmp_path / "metrics" / "train_base.json").read_text())["steps"] == 0
+    metrics = json.loads((tmp_path / "metrics" / "train_base.json").read_text())
+    assert metrics["steps"] == 0 and metrics["skipped"] is True and "passed on unchanged" in metrics["reason"]
     assert (tmp_path / "plots" / "train_base.csv").read_text().splitlines() == ["step,loss"]
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
     from mlflow import MlflowClient
 
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()])
-    assert [r.data.tags.get("skipped", "")[:8] for r in runs if r.data.tags.get("g2p.stage") == "train_base"] == \
-        ["steps: 0"]
+    assert [r.data.tags.get("g2p.skipped") for r in runs if r.data.tags.get("g2p.stage") == "train_base"] == \
+        [metrics["reason"]]
 
 
 def test_zero_steps_needs_an_input_model(tmp_path: Path) -> None:
