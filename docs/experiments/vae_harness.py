@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", required=True, help="a training-layout folder (e.g. models/pretrain_conditioner)")
     ap.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to train and judge")
+    ap.add_argument("--batch-size", type=int, default=0, help="train_vae.batch_size (0: the model's)")
     ap.add_argument("--as-is", action="store_true", help="also judge --init's own VAE (e.g. a trained recipe's)")
     a = ap.parse_args()
     model = G2PDiffusion.from_pretrained(a.init)
@@ -72,7 +73,8 @@ def main() -> None:
         judged(model.vae, "init")
     for n in a.steps:  # a VAE per count, each from --init with the stage's schedule over n steps
         model = G2PDiffusion.from_pretrained(a.init)
-        stages.train_vae(model, train, dataclasses.replace(model.cfg.train_vae, steps=n), progress=False)
+        stages.train_vae(model, train, dataclasses.replace(model.cfg.train_vae, steps=n,
+                                                                    batch_size=a.batch_size or model.cfg.train_vae.batch_size), progress=False)
         judged(model.vae, n)
 
 if __name__ == "__main__":

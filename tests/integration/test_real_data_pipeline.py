@@ -46,8 +46,10 @@ def real_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         summary = json.loads(out)
         assert summary["records_out"] == len(replicated_records()) and summary["images_missing"] == 0, summary
 
-    # one Ray worker and 2 steps a stage: this test is about the data path (DDP: test_pipeline.py)
-    return repo, make_tiny_repo(repo, import_real, steps=2, params={"ray": {"num_workers": 1}})
+    # one Ray worker and 2 steps a stage: this test is about the data path (DDP: test_pipeline.py);
+    # train_base skipped (steps: 0, as the paper preset does): its input model goes on to train_diffusion
+    return repo, make_tiny_repo(repo, import_real, steps=2,
+                                params={"ray": {"num_workers": 1}, "train_base": {"steps": 0}})
 
 
 def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict[str, str]],
@@ -100,4 +102,6 @@ def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict
     runs = stage_runs(env)
     assert set(runs) == {*TRAIN_STAGES, "evaluate", "register"}
     assert runs["train_trait_reader"].data.tags["g2p.skipped"] == reason
+    base = json.loads((repo / "outputs" / "metrics" / "train_base.json").read_text())
+    assert base["skipped"] is True and runs["train_base"].data.tags["g2p.skipped"] == base["reason"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
