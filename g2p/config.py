@@ -190,6 +190,10 @@ class LoRAConfig:
     # Off in the `paper` and `tiny` presets. With it on, the whole UNet lives in
     # denoiser.safetensors; the lora/ folder alone no longer reproduces the model.
     finetune_base: bool = True
+    # The conditioner trains with the UNet in train_diffusion (the paper: eq. 6 updates both).
+    # False: it stays as pretrain_conditioner left it (no gradient, no optimiser state), so a
+    # diffusion step skips the conditioner's backward pass; docs/experiments/README.md measures it.
+    train_conditioner: bool = True
 
 
 @dataclass(frozen=True)

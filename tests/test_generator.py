@@ -153,3 +153,19 @@ def test_finetune_base_changes_and_saves_the_base_weights(tmp_path) -> None:
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("train_conditioner", [True, False])
+def test_train_conditioner_decides_whether_the_conditioner_moves(train_conditioner: bool) -> None:
+    cfg = CFG.set("lora.train_conditioner", train_conditioner).set("train_diffusion.steps", 3)
+    data = two_species_arrays()
+    model = G2PDiffusion(cfg)
+    latents = stages.encode_latents(model, data.images)
+    cond = {k: v.clone() for k, v in model.conditioner.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.conditioner.named_parameters()}
+    unet = {k: v.clone() for k, v in model.denoiser.state_dict().items() if "lora_" in k or "null_context" in k}
+    stages.train_diffusion(model, data, cfg.train_diffusion, latents=latents, progress=False)
+    after = model.conditioner.state_dict()
+    assert all(torch.equal(cond[k], after[k]) for k in cond) is (not train_conditioner)
+    assert any(not torch.equal(v, model.denoiser.state_dict()[k]) for k, v in unet.items())  # the UNet side trained
+    assert {n: p.requires_grad for n, p in model.conditioner.named_parameters()} == flags  # left as found

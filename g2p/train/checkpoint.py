@@ -98,6 +98,7 @@ NOT_ARCHITECTURE = frozenset({
     "pretrained_path", "dropout", "mlm_probability", "foreground_weight", "background_threshold",
     "kl_weight", "scaling_factor", "temperature_init", "symmetric_loss", "condition_dropout",
     "timestep_sampling", "timestep_logit_mean", "timestep_logit_std", "loss_weighting", "min_snr_gamma",
+    "train_conditioner",
 })
 
 

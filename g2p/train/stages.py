@@ -294,13 +294,20 @@ def train_base(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latents: Te
 def train_diffusion(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latents: Tensor | None = None,
                     shard: Shard = Shard(), hooks: Hooks | None = None, resume: dict | None = None,
                     progress: bool = True, until: int | None = None, wrap: Wrap = _identity) -> FitState:
-    """LoRA on the UNet plus the conditioner (and the null context), eq. 6 with condition dropout."""
+    """LoRA on the UNet plus the conditioner (and the null context), eq. 6 with condition dropout.
+
+    With ``lora.train_conditioner`` off the conditioner stays as it came in.
+    """
     model.add_lora()
     g = _generator(cfg, shard)
     sched = build_train_scheduler(model.cfg.diffusion)
     batches = _batches(data, cfg, shard, resume, latents, need="latent")
+    train_conditioner = model.cfg.lora.train_conditioner
+    frozen = [] if train_conditioner else [p for p in model.conditioner.parameters() if p.requires_grad]
+    for p in frozen:  # lora.train_conditioner off: no gradient through the conditioner, no optimiser state
+        p.requires_grad_(False)
     model.denoiser.train()
-    model.conditioner.train()
+    model.conditioner.train(train_conditioner)
     objective = wrap(ConditionalObjective(model.conditioner, model.denoiser, sched, model.cfg.diffusion))
     dev = model.device
 
@@ -311,9 +318,11 @@ def train_diffusion(model: G2PDiffusion, data: Data, cfg: TrainConfig, *, latent
         return {"loss": loss, "batch_size": len(z0)}
 
     params = ([p for p in model.denoiser.parameters() if p.requires_grad]
-              + list(model.conditioner.parameters()))
+              + (list(model.conditioner.parameters()) if train_conditioner else []))
     state = fit(step, params, batches, cfg, hooks=hooks, resume=resume, progress=progress,
                 desc="train_diffusion", until=until)
+    for p in frozen:
+        p.requires_grad_(True)
     if state.ema is not None:
         state.ema.copy_to_params()
     model.denoiser.eval()
