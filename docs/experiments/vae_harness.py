@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--init", required=True, help="a training-layout folder (e.g. models/pretrain_conditioner)")
     ap.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to train and judge")
     ap.add_argument("--batch-size", type=int, default=0, help="train_vae.batch_size (0: the model's)")
+    ap.add_argument("--lr", type=float, default=0.0, help="train_vae.lr (0: the model's)")
     ap.add_argument("--as-is", action="store_true", help="also judge --init's own VAE (e.g. a trained recipe's)")
     a = ap.parse_args()
     model = G2PDiffusion.from_pretrained(a.init)
@@ -74,7 +75,8 @@ def main() -> None:
     for n in a.steps:  # a VAE per count, each from --init with the stage's schedule over n steps
         model = G2PDiffusion.from_pretrained(a.init)
         stages.train_vae(model, train, dataclasses.replace(model.cfg.train_vae, steps=n,
-                                                                    batch_size=a.batch_size or model.cfg.train_vae.batch_size), progress=False)
+                                                                    batch_size=a.batch_size or model.cfg.train_vae.batch_size,
+                                                                    lr=a.lr or model.cfg.train_vae.lr), progress=False)
         judged(model.vae, n)
 
 if __name__ == "__main__":
