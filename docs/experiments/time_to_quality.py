@@ -144,7 +144,8 @@ def score_val(model: Path | object, judge_dir: Path, samples: int, seed: int, th
             done = sl.stop
             rate = done / max(time.time() - t0, 1e-9)
             print(f"  {split}: {done}/{n} records, {rate:.2f}/s, ETA {(n - done) / rate:.0f} s", flush=True)
-        out[split] = {"processid": np.asarray(arr.processid).astype(str), "species": np.asarray(arr.species).astype(str),
+        out[split] = {"processid": np.asarray(arr.processid).astype(str),
+                      "species": np.asarray(arr.species).astype(str),
                       "hit": np.concatenate(hits), "score": np.concatenate(scores)}
     return out
 
@@ -184,14 +185,16 @@ def cmd_compare(a: argparse.Namespace) -> None:
     print("|---|---|---|---|" + "---|" * (len(SPLITS) + 1))
     for n in names:
         s, r = _load(n)
-        cells = [n, f"{s['cpu_s']:.0f} ({s['kernel_s']:.0f})", f"{s['cpu_s'] / ref_s['cpu_s']:.2f}", f"{s['wall_s']:.0f}"]
+        cells = [n, f"{s['cpu_s']:.0f} ({s['kernel_s']:.0f})", f"{s['cpu_s'] / ref_s['cpu_s']:.2f}",
+                 f"{s['wall_s']:.0f}"]
         for split, key in [(sp, "hit") for sp in SPLITS] + [("val", "score")]:
             assert (r[f"{split}.processid"] == ref[f"{split}.processid"]).all(), "different records"
             d = paired_difference(r[f"{split}.{key}"], ref[f"{split}.{key}"], clusters=r[f"{split}.species"],
                                   reps=2000)
             val = r[f"{split}.{key}"].mean()
             fmt = (lambda x: f"{100 * x:.1f}") if key == "hit" else (lambda x: f"{x:.3f}")
-            cells.append(f"{fmt(val)} ({'+' if d['diff'] >= 0 else ''}{fmt(d['diff'])} [{fmt(d['low'])}, {fmt(d['high'])}])")
+            sign = "+" if d["diff"] >= 0 else ""
+            cells.append(f"{fmt(val)} ({sign}{fmt(d['diff'])} [{fmt(d['low'])}, {fmt(d['high'])}])")
         print("| " + " | ".join(cells) + " |")
 
 

@@ -23,7 +23,6 @@ import resource
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,9 +73,9 @@ def main() -> None:
         judged(model.vae, "init")
     for n in a.steps:  # a VAE per count, each from --init with the stage's schedule over n steps
         model = G2PDiffusion.from_pretrained(a.init)
-        stages.train_vae(model, train, dataclasses.replace(model.cfg.train_vae, steps=n,
-                                                                    batch_size=a.batch_size or model.cfg.train_vae.batch_size,
-                                                                    lr=a.lr or model.cfg.train_vae.lr), progress=False)
+        tc = model.cfg.train_vae
+        tc = dataclasses.replace(tc, steps=n, batch_size=a.batch_size or tc.batch_size, lr=a.lr or tc.lr)
+        stages.train_vae(model, train, tc, progress=False)
         judged(model.vae, n)
 
 if __name__ == "__main__":
