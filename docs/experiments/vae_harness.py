@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=[], help="step counts to train and judge")
     ap.add_argument("--batch-size", type=int, default=0, help="train_vae.batch_size (0: the model's)")
     ap.add_argument("--lr", type=float, default=0.0, help="train_vae.lr (0: the model's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides: a fresh model from --init's config with them (vae.block_out_channels=...)")
     ap.add_argument("--as-is", action="store_true", help="also judge --init's own VAE (e.g. a trained recipe's)")
     a = ap.parse_args()
     model = G2PDiffusion.from_pretrained(a.init)
@@ -73,6 +75,15 @@ def main() -> None:
         judged(model.vae, "init")
     for n in a.steps:  # a VAE per count, each from --init with the stage's schedule over n steps
         model = G2PDiffusion.from_pretrained(a.init)
+        if a.set:
+            import yaml
+
+            cfg = model.cfg
+            for kv in a.set:
+                key, raw = kv.split("=", 1)
+                cfg = cfg.set(key, yaml.safe_load(raw))
+            torch.manual_seed(0)
+            model = G2PDiffusion(cfg)
         tc = model.cfg.train_vae
         tc = dataclasses.replace(tc, steps=n, batch_size=a.batch_size or tc.batch_size, lr=a.lr or tc.lr)
         stages.train_vae(model, train, tc, progress=False)
