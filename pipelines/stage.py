@@ -88,12 +88,12 @@ def sample_sheet(pipe: Any, arrays: Any, *, n_species: int = 6, n: int = 4, seed
 
 
 def write_dvc_outputs(stage: str, rows: list[dict[str, Any]], seconds: float, metrics_path: Path,
-                      plots_path: Path) -> dict[str, Any]:
-    """``metrics_path`` (JSON summary) and ``plots_path`` (CSV of step, loss) from the step log."""
+                      plots_path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``metrics_path`` (JSON summary, plus ``extra``) and ``plots_path`` (CSV of step, loss) from the step log."""
     steps = [r for r in rows if r.get("event") == "step"]
     last = steps[-1] if steps else {}
     summary = {"stage": stage, "steps": int(last.get("step", 0)), "loss": last.get("loss"),
-               "seconds": round(seconds, 1)}
+               "seconds": round(seconds, 1), **(extra or {})}
     tail = steps[-10:]
     if tail:
         summary["loss_last10_mean"] = sum(r["loss"] for r in tail) / len(tail)
@@ -172,19 +172,19 @@ def skip(stage: str, cfg: Any, *, out: str, init_model: str | None, metrics_dir:
     dest = Path(out)
     if dest.exists():
         shutil.rmtree(dest)
-    src = Path(init_model) if not st.is_uri(init_model) else st.download(init_model, dest.with_name(dest.name + ".in"))
+    remote = st.is_uri(init_model)
+    src = st.download(init_model, dest.with_name(dest.name + ".in")) if remote else Path(init_model)
     if export == "pipeline":
         from g2p.pipeline import convert_checkpoint
 
         convert_checkpoint(str(src), str(dest))
     else:
         shutil.copytree(src, dest)
-    if src != Path(init_model):
+    if remote:
         shutil.rmtree(src)
     reason = f"{stage}.steps: 0, the input model passed on unchanged"
-    summary = write_dvc_outputs(stage, [], 0.0, Path(metrics_dir) / f"{stage}.json", Path(plots_dir) / f"{stage}.csv")
-    summary.update(skipped=True, reason=reason)
-    Path(metrics_dir, f"{stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_dvc_outputs(stage, [], 0.0, Path(metrics_dir) / f"{stage}.json", Path(plots_dir) / f"{stage}.csv",
+                                extra={"skipped": True, "reason": reason})
     with tracking.start_stage_run(stage, cfg, log_system_metrics=False) as active:  # the run says why
         tracking._client(tracking.tracking_uri()).set_tag(active.info.run_id, "g2p.skipped", reason)
     return summary

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -44,7 +43,7 @@ def main() -> None:
     from g2p.pipeline import G2PDiffusionPipeline
     from g2p.train import stages
     from pipelines.ray_train import load_data
-    from time_to_quality import RESULTS, score_val
+    from time_to_quality import save_result, score_val
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", required=True)
@@ -66,12 +65,7 @@ def main() -> None:
     print(json.dumps(out), flush=True)
     pipe = G2PDiffusionPipeline.from_model(model)
     res = score_val(pipe, ROOT / "models/judge", a.samples, 0, torch.get_num_threads(), aligner_guidance_scale=0.0)
-    np.savez(RESULTS / f"pilot_{a.name}.npz", **{f"{s}.{k}": v for s, d in res.items() for k, v in d.items()})
-    out["val"] = {s: {"species_acc": float(d["hit"].mean()), "score1": float(d["score"].mean())}
-                  for s, d in res.items()}
-    out["samples"] = a.samples
-    (RESULTS / f"pilot_{a.name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out["val"]), flush=True)
+    save_result(f"pilot_{a.name}", out, res, a.samples)
 
 
 if __name__ == "__main__":

@@ -162,12 +162,17 @@ def cmd_run(a: argparse.Namespace) -> None:
         summary = json.loads((RESULTS / f"{a.name}.json").read_text())
     res = score_val(work / a.name / "models" / "g2pdiffusion", ROOT / "models" / "judge", a.samples, a.seed,
                     a.threads)
-    np.savez(RESULTS / f"{a.name}.npz", **{f"{s}.{k}": v for s, d in res.items() for k, v in d.items()})
+    save_result(a.name, summary, res, a.samples)
+
+
+def save_result(name: str, summary: dict, res: dict[str, dict], samples: int) -> None:
+    """``RESULTS/NAME.npz`` (per record, for ``compare``) and ``RESULTS/NAME.json`` (``summary`` + val means)."""
+    np.savez(RESULTS / f"{name}.npz", **{f"{s}.{k}": v for s, d in res.items() for k, v in d.items()})
     summary["val"] = {s: {"species_acc": float(d["hit"].mean()), "score1": float(d["score"].mean()),
                           "records": len(d["hit"])} for s, d in res.items()}
-    summary["samples"] = a.samples
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary["val"]))
+    summary["samples"] = samples
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["val"]), flush=True)
 
 
 def _load(name: str) -> tuple[dict, dict]:
