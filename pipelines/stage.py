@@ -52,7 +52,9 @@ def run_key(stage: str, cfg_json: str, data: str | Path, init_model: str | Path 
     # The code too: after a change to the model or the training driver, a finished
     # Ray run of the old code must not be "resumed" (and its model copied).
     root = Path(__file__).resolve().parent.parent
-    for f in sorted((root / "g2p").rglob("*.py")) + [root / "pipelines" / n for n in ("ray_train.py", "stream.py", "shards.py", "storage.py")] + [Path(__file__).resolve()]:
+    driver = ("ray_train.py", "ray_worker.py", "stream.py", "shards.py", "storage.py")
+    files = sorted((root / "g2p").rglob("*.py")) + [root / "pipelines" / n for n in driver]
+    for f in files + [Path(__file__).resolve()]:
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -12,7 +12,7 @@ skips the stage with the reason (:func:`skip_trait_reader`).
 The same machinery as the generator's stages (:mod:`pipelines.stage`), reused
 rather than copied: a ``TorchTrainer`` whose workers run the core training
 function (:mod:`g2p.train.judge`) with ``rank``/``world_size``, DDP through
-``ray_train._wrap_for``, ``ray_train._RayHooks`` for the step log, reports,
+``ray_worker._wrap_for``, ``ray_worker._RayHooks`` for the step log, reports,
 checkpoints and resumption, a nested MLflow run (:func:`tracking.start_stage_run`)
 and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
 (:func:`stage.write_dvc_outputs`). What differs is the model (a
@@ -106,7 +106,7 @@ def trait_targets(processid: Sequence[str], ground_truth: str | Path) -> dict[st
 
 @dataclass
 class _Saver:
-    """What ``ray_train._RayHooks`` needs of a model: ``save_pretrained`` and a ``cfg`` with ``to_json``."""
+    """What ``ray_worker._RayHooks`` needs of a model: ``save_pretrained`` and a ``cfg`` with ``to_json``."""
 
     model: Any
     cfg: G2PConfig
@@ -132,7 +132,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from g2p.train import judge as train
     from g2p.train.checkpoint import load_tree
     from g2p.train.loop import Hooks
-    from pipelines.ray_train import _quiet_reports, _RayHooks, _wrap_for
+    from pipelines.ray_worker import _quiet_reports, _RayHooks, _wrap_for
 
     stage, section = config["stage"], RaySection(**config["ray"])
     cfg = G2PConfig.from_json(config["cfg"])
