@@ -57,7 +57,8 @@ def _tiny() -> G2PConfig:
         trait_reader=TraitReaderConfig(image_size=32, channels=(8, 16), pool=2, hidden=32),
         train_trait_reader=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
                                        checkpoint_every=10),
-        evaluate=EvaluateConfig(num_samples=2, ks=(1, 2), bootstrap_reps=50, threshold_pairs=0, batch_barcodes=4,
+        evaluate=EvaluateConfig(barcodes_per_species=1, num_samples=2, ks=(1, 2), bootstrap_reps=50,
+                                threshold_pairs=0, batch_barcodes=4,
                                 vary_barcodes=1, vary_samples=1, mutation_rates=(0.0, 0.5), latitudes=(0.0, 60.0)),
     )
 

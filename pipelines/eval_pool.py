@@ -73,10 +73,10 @@ class Grader:
         from g2p.pipeline import generate_uint8
 
         kind = task["kind"]
-        if kind == "pairs":  # the threshold's true and shuffled training pairs
-            t, s = pair_scores(self.judge, self.images["train"][torch.as_tensor(task["idx"])], task["true"],
-                               task["shuffled"])
-            return {"kind": kind, "at": task["at"], "true": t, "shuffled": s}
+        if kind == "pairs":  # the threshold's true and negative pairs (held-out val images, or training images)
+            t, s = pair_scores(self.judge, self.images[task["source"]][torch.as_tensor(task["idx"])], task["true"],
+                               task["negative"])
+            return {"kind": kind, "at": task["at"], "true": t, "negative": s}
         if kind == "split":  # the judge's own species accuracy on real images; the reader's body sizes
             ims = self.images[task["split"]][torch.as_tensor(task["idx"])]
             names, protos = self.protos[task["split"]]
@@ -90,7 +90,7 @@ class Grader:
         images: dict[str, torch.Tensor] = {}
         for r in REGISTRY:
             if r.source == "record":
-                images[r.name] = arr[torch.as_tensor(task["record"])][:, None]
+                images[r.name] = arr[torch.as_tensor(task["same_species"])]
             elif r.source == "other_species":
                 images[r.name] = arr[torch.as_tensor(task["other_species"])]
             elif r.source == "nearest_barcodes":

@@ -3,7 +3,14 @@
 Rules (every metric of ``promote.metrics`` must pass; higher is better;
 ``d = promote.min_delta``, may be negative as a tolerance):
 
-- ``not_worse_ci``: challenger >= champion's lower 95% bound + d;
+- ``paired_not_worse`` (the default): the two versions' per-barcode results on
+  the same barcodes and image seeds (``evaluation/per_barcode.parquet``) are
+  paired; the lower bound of the 95% species-clustered interval of
+  challenger - champion must be >= d (d < 0: the largest loss tolerated, a
+  non-inferiority margin). Each check also reports the minimum detectable
+  difference of that evaluation, so a "pass" on too few barcodes reads as what it is;
+- ``not_worse_ci``: challenger >= champion's lower 95% bound + d (unpaired: it
+  would pass a challenger clearly worse than a champion with a wide interval);
 - ``not_worse_point``: challenger >= champion + d;
 - ``strictly_better``: challenger > champion + d.
 
@@ -26,13 +33,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from g2p.config import ConfigError
 
-Rule = Literal["not_worse_ci", "not_worse_point", "strictly_better"]
+Rule = Literal["paired_not_worse", "not_worse_ci", "not_worse_point", "strictly_better"]
+PAIRED = "paired_not_worse"
 
 @dataclass(frozen=True)
 class PromoteSection:
@@ -42,8 +50,8 @@ class PromoteSection:
     """
 
     metrics: tuple[str, ...] = ("seen.g2pdiffusion.success@kmax", "unseen.g2pdiffusion.success@kmax")
-    rule: Rule = "not_worse_ci"
-    min_delta: float = 0.0
+    rule: Rule = PAIRED
+    min_delta: float = -0.05  # paired_not_worse: at most 5 points worse, with 95% confidence
     require_same_eval: bool = True
 
     def __post_init__(self) -> None:
@@ -54,6 +62,42 @@ class PromoteSection:
                 raise ConfigError(f"promote.metrics[{i}]: {m!r} is not a dotted path like seen.g2pdiffusion.success@10")
         if not math.isfinite(self.min_delta):
             raise ConfigError(f"promote.min_delta: {self.min_delta!r} must be finite")
+        if self.rule not in RULES:
+            raise ConfigError(f"promote.rule: {self.rule!r} is not one of {list(RULES)}")
+
+
+RULES: tuple[str, ...] = (PAIRED, "not_worse_ci", "not_worse_point", "strictly_better")
+
+
+def paired_differences(chal: Any, champ: Any, metrics: Sequence[str], reps: int = 1000,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """Challenger - champion per gate metric, paired on the barcodes both versions were evaluated on.
+
+    ``chal``, ``champ``: the evaluate stage's per-barcode tables (``per_barcode.parquet``: split,
+    processid, species, row and one column per measurement). A metric path ``split.row.measurement``
+    (``@kmax`` resolved) selects a column; the interval resamples whole species
+    (:func:`g2p.evaluation.metrics.paired_difference`). The two versions must cover the same records.
+    """
+    from g2p.evaluation.metrics import paired_difference
+
+    out: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        parts = m.split(".", 2)
+        if len(parts) != 3:
+            raise ValueError(f"promote.metrics: {m!r} is not split.row.measurement, which {PAIRED} pairs per barcode")
+        split, row, key = parts
+        sel = [t[(t["split"] == split) & (t["row"] == row)].set_index("processid") for t in (chal, champ)]
+        for who, t in zip(("challenger", "champion"), sel):
+            if key not in t.columns or t.empty:
+                raise ValueError(f"promote.metrics: {m!r}: the {who}'s per-barcode results have no {row!r} rows "
+                                 f"of split {split!r} with {key!r}")
+        a, b = sel
+        if set(a.index) != set(b.index):
+            raise ValueError(f"promote.metrics: {m!r}: the versions were evaluated on different records "
+                             f"({len(a)} and {len(b)}, {len(set(a.index) & set(b.index))} shared); re-evaluate both")
+        b = b.loc[a.index]
+        out[m] = paired_difference(a[key].to_numpy(), b[key].to_numpy(), a["species"].to_numpy(), reps, seed)
+    return out
 
 
 
@@ -109,6 +153,7 @@ class MetricCheck:
     op: str = ">="  # how it had to reach it (">" for strictly_better)
     passed: bool | None = None
     absent: str | None = None  # why the metric could not be measured (then passed is None)
+    paired: dict[str, float] | None = None  # paired_not_worse: challenger - champion (diff, low, high, se, mdd, ...)
 
     def text(self) -> str:
         def ci(v: float | None, lo: float | None, hi: float | None) -> str:
@@ -119,9 +164,15 @@ class MetricCheck:
         if self.absent is not None:
             return f"{self.metric}: n/a ({self.absent})"
         verdict = {True: "pass", False: "FAIL", None: "n/a"}[self.passed]
+        head = (f"{self.metric}: challenger {ci(self.challenger, self.challenger_low, self.challenger_high)}"
+                f" vs champion {ci(self.champion, self.champion_low, self.champion_high)}")
+        if self.paired is not None:
+            p = self.paired
+            return (f"{head}; paired difference {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] on "
+                    f"{p['n_barcodes']} barcodes of {p['n_clusters']} species (needs lower bound >= "
+                    f"{self.reference:+.4f}; minimum detectable difference {p['mdd']:.4f}): {verdict}")
         ref = f" (needs {self.op} {self.reference:.4f})" if self.reference is not None else ""
-        return (f"{self.metric}: challenger {ci(self.challenger, self.challenger_low, self.challenger_high)}"
-                f" vs champion {ci(self.champion, self.champion_low, self.champion_high)}{ref}: {verdict}")
+        return f"{head}{ref}: {verdict}"
 
 
 @dataclass
@@ -194,13 +245,16 @@ def _get(flat: Mapping[str, float], name: str, version: str) -> float:
 def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion: str | None,
            champ: Mapping[str, float] | None, section: PromoteSection, *, chal_hash: str | None = None,
            champ_hash: str | None = None, force: bool = False, chal_absent: Mapping[str, str] | None = None,
-           champ_absent: Mapping[str, str] | None = None) -> Decision:
+           champ_absent: Mapping[str, str] | None = None,
+           paired: Mapping[str, Mapping[str, float]] | None = None) -> Decision:
     """The promotion rule on two versions' flattened metrics (keys as :func:`metric_key` makes them).
 
     Pure: no MLflow. ``champ`` None = there is no champion yet (the first model
     becomes champion). ``force`` promotes whatever the metrics say, but the
     checks are still computed and recorded. ``chal_absent`` / ``champ_absent``:
     each version's :func:`absent_sections` (see the module docstring).
+    ``paired``: for ``paired_not_worse``, :func:`paired_differences` of the
+    gate's metrics (None: the per-barcode results were not available).
     """
     chal_absent, champ_absent = dict(chal_absent or {}), dict(champ_absent or {})
     hashes = {"challenger": chal_hash, "champion": champ_hash}
@@ -228,11 +282,21 @@ def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion
                         checks=checks, **common)
     if champion == challenger:
         return Decision("unchanged", False, f"version {challenger} is already champion", checks=checks, **common)
+    unpaired = [c.metric for c in measured if c.metric not in (paired or {})]
+    if section.rule == PAIRED and unpaired and not force:
+        why = (f"{PAIRED} needs both versions' per-barcode results on the same records "
+               f"(evaluation/per_barcode.parquet of their register runs) for {', '.join(unpaired)}; "
+               f"re-evaluate, choose another promote.rule, or --force")
+        return Decision("refused", False, why, checks=checks, **common)
     for c in measured:
         c.champion = _get(champ, c.metric, champion)
         c.champion_low = champ.get(metric_key(c.metric + "_low"))
         c.champion_high = champ.get(metric_key(c.metric + "_high"))
-        if section.rule == "not_worse_ci":
+        if section.rule == PAIRED:
+            c.paired = dict((paired or {}).get(c.metric) or {}) or None
+            c.reference = section.min_delta
+            c.passed = c.paired is not None and c.paired["low"] >= section.min_delta
+        elif section.rule == "not_worse_ci":
             if c.champion_low is None:
                 raise ValueError(f"promote.rule: not_worse_ci needs {c.metric + '_low'!r} in the metrics of "
                                  f"version {champion}; use not_worse_point or add intervals")

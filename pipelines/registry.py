@@ -63,9 +63,10 @@ from g2p.config import ConfigError, _build
 from pipelines.model_package import (
     PYFUNC_FILE, bundle_g2p, bundle_serving, example_barcode, pip_requirements, preflight, signature_and_example,
 )
+from pipelines.eval_report import PER_BARCODE
 from pipelines.promotion import (  # noqa: F401  (re-exported: the rule's API lives in promotion.py)
-    Decision, MetricCheck, PromoteSection, _get, absent_sections, decide, flatten_metrics, metric_absence, metric_key,
-    resolve_metric,
+    PAIRED, Decision, MetricCheck, PromoteSection, _get, absent_sections, decide, flatten_metrics, metric_absence,
+    metric_key, paired_differences, resolve_metric,
 )
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -254,6 +255,9 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
             for i in range(0, len(items), 1000):
                 client.log_batch(run_id, metrics=items[i:i + 1000])
             client.log_artifact(run_id, str(metrics_path), "evaluation")
+            per_barcode = metrics_path.parent / PER_BARCODE  # what the paired gate pairs with a later version
+            if per_barcode.exists():
+                client.log_artifact(run_id, str(per_barcode), "evaluation")
             if progress:
                 print(f"register: logging {section.model_name} from {gen_dir} (judge: {info['judge']})", flush=True)
             model_info = mlflow.pyfunc.log_model(
@@ -289,6 +293,33 @@ def _version_metrics(client: Any, mv: Any) -> dict[str, float]:
             except ValueError:
                 continue
     return flat
+
+
+def _version_per_barcode(mv: Any, tracking_uri: str | None) -> Any | None:
+    """The per-barcode results the run that registered ``mv`` logged (a DataFrame), or None."""
+    import mlflow.artifacts
+    import pandas as pd
+
+    if not mv.run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=f"evaluation/{PER_BARCODE}",
+                                                       dst_path=tmp, tracking_uri=tracking_uri)
+        except Exception:  # not logged (a version registered before the paired gate, or without evaluate)
+            return None
+        return pd.read_parquet(path)
+
+
+def _paired(chal: Any, champion: Any, section: PromoteSection, chal_flat: Mapping[str, float],
+            tracking_uri: str | None) -> dict[str, dict[str, float]] | None:
+    """:func:`paired_differences` of the gate's metrics between two versions, or None without their tables."""
+    a, b = _version_per_barcode(chal, tracking_uri), _version_per_barcode(champion, tracking_uri)
+    if a is None or b is None:
+        return None
+    metrics = [resolve_metric(m, chal_flat) for m in section.metrics
+               if metric_absence(m, _version_absent(chal)) is None]
+    return paired_differences(a, b, metrics)
 
 
 def _version_absent(mv: Any) -> dict[str, str]:
@@ -348,8 +379,12 @@ def promote(name: str = "g2pdiffusion", section: PromoteSection | None = None, *
         if chal is None:
             raise ValueError(f"alias: model {name!r} has no {CHALLENGER!r} version; register one first "
                              f"(dvc repro, or python -m pipelines.registry register)")
-        d = decide(name, str(chal.version), _version_metrics(client, chal), champ_v,
-                   _version_metrics(client, champion) if champion else None, section,
+        chal_flat = _version_metrics(client, chal)
+        paired = (_paired(chal, champion, section, chal_flat, tracking_uri)
+                  if section.rule == PAIRED and champion is not None and str(champion.version) != str(chal.version)
+                  else None)
+        d = decide(name, str(chal.version), chal_flat, champ_v,
+                   _version_metrics(client, champion) if champion else None, section, paired=paired,
                    chal_hash=(chal.tags or {}).get("eval_config_hash"),
                    champ_hash=(champion.tags or {}).get("eval_config_hash") if champion else None, force=force,
                    chal_absent=_version_absent(chal), champ_absent=_version_absent(champion) if champion else None)

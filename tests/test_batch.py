@@ -162,7 +162,8 @@ def test_nearest_barcodes_chunked_equals_the_whole_comparison() -> None:
 
 
 def test_row_registry_is_one_home() -> None:
-    from g2p.evaluation.rows import GENERATED, REFERENCE, REGISTRY, ROWS, EvalRow, check_registry, row
+    from g2p.evaluation.rows import (COMPARISONS, GENERATED, REFERENCE, REGISTRY, ROWS, Comparison, EvalRow,
+                                     check_registry, row)
 
     assert ROWS[0] == REFERENCE and set(GENERATED) == {"no_aligner", "g2pdiffusion"}
     assert row("g2pdiffusion").aligner and not row("no_aligner").aligner
@@ -172,3 +173,7 @@ def test_row_registry_is_one_home() -> None:
         check_registry(REGISTRY + (EvalRow("own_image_again", "record", "x"),))
     with pytest.raises(ValueError, match="row: 'nope'"):
         row("nope")
+    assert {c.name for c in COMPARISONS} >= {"g2pdiffusion_vs_no_aligner", "g2pdiffusion_vs_nearest_neighbour",
+                                             "g2pdiffusion_vs_random", "ground_truth_vs_random"}
+    with pytest.raises(ValueError, match="comparisons: .'g2pdiffusion_vs_nope'"):
+        check_registry(REGISTRY, COMPARISONS + (Comparison("g2pdiffusion", "nope", "?"),))

@@ -190,3 +190,40 @@ def test_paired_difference_clusters_and_pairs() -> None:
     assert clus["high"] - clus["low"] > 2 * (flat["high"] - flat["low"]) and clus["n_clusters"] == 20
     with pytest.raises(ValueError, match="paired"):
         paired_difference(np.zeros(3), np.zeros(4))
+
+
+def test_paired_comparisons_state_a_direction_only_when_the_interval_excludes_zero() -> None:
+    from g2p.evaluation.metrics import MDD_FACTOR, paired_comparisons, per_barcode_values
+
+    rng = np.random.default_rng(1)
+    species = np.repeat(np.arange(30), 4).astype(str)
+    base = rng.uniform(0.2, 0.6, size=(120, 3))
+    hits = (rng.random((120, 3)) < 0.5).astype(float)
+    rows = {"better": per_barcode_values(base + 0.2, np.ones_like(hits), 0.5, (1, 3)),
+            "same": per_barcode_values(base + rng.normal(scale=0.01, size=base.shape), hits, 0.5, (1, 3)),
+            "base": per_barcode_values(base, hits, 0.5, (1, 3))}
+    assert set(rows["base"]) == {"species_accuracy", "score@1", "score@3", "success@1", "success@3"}
+    assert rows["base"]["score@3"].tolist() == base.max(axis=1).tolist()
+    out = paired_comparisons(rows, [("better", "base"), ("same", "base"), ("base", "better")], species, reps=400)
+    assert out["better_vs_base"]["score@1"]["diff"] == pytest.approx(0.2)
+    assert out["better_vs_base"]["score@1"]["verdict"] == "higher"
+    assert out["base_vs_better"]["species_accuracy"]["verdict"] == "lower"
+    assert out["same_vs_base"]["score@1"]["verdict"] == "no detectable difference"
+    d = out["same_vs_base"]["score@3"]
+    assert d["n_clusters"] == 30 and d["mdd"] == pytest.approx(MDD_FACTOR * d["se"]) and d["se"] > 0
+
+
+def test_threshold_at_a_false_positive_rate_on_same_genus_negatives() -> None:
+    from g2p.evaluation.metrics import fpr_threshold, same_genus_negatives
+
+    species = np.array(["a1", "a1", "a2", "a2", "b1", "b1", "c1"])
+    genus = np.array(["a", "a", "a", "a", "b", "b", "c"])
+    idx, same = same_genus_negatives(species, genus, seed=3)
+    assert same.tolist() == [True] * 4 + [False] * 3  # genus b and c have one species here: any other species
+    assert all(species[j] != species[i] for i, j in enumerate(idx))
+    assert all(genus[idx[i]] == genus[i] for i in range(4))
+    neg = np.linspace(0, 1, 101)
+    t = fpr_threshold(neg, 0.05)
+    assert (neg > t).mean() <= 0.05 and (neg >= t).mean() > 0.05
+    with pytest.raises(ValueError, match="fpr"):
+        fpr_threshold(neg, 0.0)

@@ -149,3 +149,38 @@ def test_absent_truth_metrics_are_n_a_with_their_reason() -> None:
     # a metric that is simply missing (not recorded absent) is still an error naming it
     with pytest.raises(ValueError, match=f"{trait}.*not found"):
         decide("g2pdiffusion", "1", chal, None, None, only)
+
+
+def test_paired_rule_needs_the_lower_bound_of_the_paired_difference_to_reach_the_margin() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.promotion import paired_differences
+
+    def table(success: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"split": "seen", "processid": [str(i) for i in range(len(success))],
+                             "species": [f"sp{i // 3}" for i in range(len(success))], "row": "g2pdiffusion",
+                             "success@10": success})
+
+    rng = np.random.default_rng(0)
+    champ = rng.integers(0, 2, 90).astype(float)
+    chal = champ.copy()
+    chal[np.nonzero(champ)[0][:3]] = 0.0  # 3 of 90 barcodes lost: -3.3 points
+    one = ("seen.g2pdiffusion.success@10",)
+    paired = paired_differences(table(chal), table(champ)[::-1], one, reps=500)  # row order does not matter
+    p = paired[one[0]]
+    assert p["diff"] == pytest.approx(-3 / 90) and p["n_clusters"] == 30 and p["mdd"] > 0
+    section = PromoteSection(metrics=one)  # paired_not_worse, min_delta -0.05
+    seen = {metric_key(one[0]): float(chal.mean())}
+    d = decide("g2pdiffusion", "2", seen, "1", {metric_key(one[0]): float(champ.mean())}, section, chal_hash="h",
+               champ_hash="h", paired=paired)
+    assert d.promote == (p["low"] >= -0.05) and d.checks[0].paired == p
+    strict = PromoteSection(metrics=one, min_delta=0.0)
+    assert not decide("g2pdiffusion", "2", seen, "1", seen, strict, chal_hash="h", champ_hash="h",
+                      paired=paired).promote
+    refused = decide("g2pdiffusion", "2", seen, "1", seen, section, chal_hash="h", champ_hash="h")
+    assert refused.action == "refused" and "per-barcode" in refused.reason
+    with pytest.raises(ValueError, match="different records"):
+        paired_differences(table(chal)[:80], table(champ), one)
+    with pytest.raises(ConfigError, match="promote.rule: 'better'"):
+        PromoteSection(rule="better")

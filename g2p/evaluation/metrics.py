@@ -19,7 +19,8 @@ feeds them the judge's cosines; the definitions are those of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,10 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: Sequence[str] | No
     ``a``, ``b``: (B,) per-barcode values of two rows on the same barcodes and
     seeds. ``clusters`` (B,), e.g. species: whole clusters are resampled, so
     barcodes of one species are not counted as independent evidence. Returns
-    ``{"diff", "low", "high", "n_barcodes", "n_clusters"}``.
+    ``{"diff", "low", "high", "se", "mdd", "n_barcodes", "n_clusters"}``: ``se``
+    the bootstrap standard error, ``mdd`` the minimum detectable difference
+    (two-sided 5% test, 80% power: (1.96 + 0.84) x se), the smallest true
+    difference this many barcodes and species would usually reveal.
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
@@ -85,8 +89,50 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: Sequence[str] | No
     boots = sums[pick].sum(1) / counts[pick].sum(1)
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
-    return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "n_barcodes": int(len(d)),
-            "n_clusters": ng}
+    se = float(boots.std(ddof=1)) if reps > 1 else float("nan")
+    return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "se": se, "mdd": MDD_FACTOR * se,
+            "n_barcodes": int(len(d)), "n_clusters": ng}
+
+
+MDD_FACTOR = 1.959964 + 0.841621  # z(0.975) + z(0.80): the minimum detectable difference in standard errors
+
+
+def verdict(diff: Mapping[str, float]) -> str:
+    """How a paired difference may be stated in words: "higher" / "lower" only where its interval
+    excludes 0, else "no detectable difference"."""
+    if diff["low"] > 0:
+        return "higher"
+    if diff["high"] < 0:
+        return "lower"
+    return "no detectable difference"
+
+
+def per_barcode_values(scores: np.ndarray, hits: np.ndarray, threshold: float,
+                       ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """A row's per-barcode measurements, the units every paired comparison pairs: ``score@k`` (best of
+    the first k), ``success@k`` (that best above ``threshold``) and ``species_accuracy`` (the share of
+    the barcode's images the judge assigns to its species). ``scores``, ``hits``: (B, K)."""
+    s, h = _2d(scores), _2d(hits, "hits")
+    out = {"species_accuracy": h.mean(axis=1)}
+    for k in ks:
+        best = best_of_k(s, k)
+        out[f"score@{k}"], out[f"success@{k}"] = best, (best > threshold).astype(np.float64)
+    return out
+
+
+def paired_comparisons(values: Mapping[str, Mapping[str, np.ndarray]], pairs: Sequence[tuple[str, str]],
+                       species: Sequence[str], reps: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``{"a_vs_b": {metric: paired_difference + verdict}}`` for each (a, b) in ``pairs``, on the metrics
+    both rows have (:func:`per_barcode_values`), clustered by the barcodes' ``species``."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        va, vb = values[a], values[b]
+        res = {}
+        for m in (m for m in va if m in vb):
+            d = paired_difference(va[m], vb[m], species, reps, seed)
+            res[m] = {**d, "verdict": verdict(d)}
+        out[f"{a}_vs_{b}"] = res
+    return out
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = 1000, seed: int = 0,
@@ -139,17 +185,19 @@ def topk_metrics(scores: np.ndarray, gt_scores: np.ndarray, threshold: float, ks
                  reps: int = 1000, seed: int = 0) -> dict[str, float]:
     """One table row: ``score@k``, ``relative_score@k``, ``success@k`` (+ ``_low``/``_high``) for each k.
 
-    ``scores`` (B, K) are a row's k images per barcode, ``gt_scores`` (B,) the
-    ground-truth image's score for the same barcodes. Intervals: 95%
-    bootstrap over barcodes (the same resamples for every k).
+    ``scores`` (B, K) are a row's k images per barcode, ``gt_scores`` the
+    ground truth's scores for the same barcodes: (B,) one real image, or
+    (B, K) real images of the species, whose best of k is the reference at k.
+    Intervals: 95% bootstrap over barcodes (the same resamples for every k).
     """
     s = _2d(scores)
-    gt = np.asarray(gt_scores, dtype=np.float64)
-    if gt.shape != (s.shape[0],):
-        raise ValueError(f"gt_scores: expected shape ({s.shape[0]},), got {gt.shape}")
+    gt_all = np.asarray(gt_scores, dtype=np.float64)
+    if gt_all.shape[:1] != (s.shape[0],) or gt_all.ndim not in (1, 2):
+        raise ValueError(f"gt_scores: expected shape ({s.shape[0]},) or ({s.shape[0]}, K), got {gt_all.shape}")
     out: dict[str, float] = {}
     for k in ks:
         best = best_of_k(s, k)
+        gt = gt_all if gt_all.ndim == 1 else best_of_k(gt_all, k)
         hit = (best > threshold).astype(np.float64)
         out[f"score@{k}"] = float(best.mean())
         out[f"score@{k}_low"], out[f"score@{k}_high"] = bootstrap_ci(best, reps, seed)
@@ -264,6 +312,31 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
         j = int(rng.integers(0, i))
         perm[i], perm[j] = perm[j], perm[i]
     return perm
+
+
+def same_genus_negatives(species: Sequence[str], genus: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """For each record, a random record of *another species of the same genus* (a hard negative), else
+    (a genus of one species here) of any other species. Returns (indices (N,), same_genus (N,) bool)."""
+    sp, ge = np.asarray(species, dtype=object), np.asarray(genus, dtype=object)
+    if len(set(sp.tolist())) < 2:
+        raise ValueError(f"species: need records of at least 2 species for negatives, got {sorted(set(sp.tolist()))}")
+    rng = np.random.default_rng(seed)
+    out, same = np.zeros(len(sp), dtype=np.int64), np.zeros(len(sp), dtype=bool)
+    for i in range(len(sp)):
+        pool = np.nonzero((ge == ge[i]) & (sp != sp[i]))[0]
+        same[i] = len(pool) > 0
+        if not same[i]:
+            pool = np.nonzero(sp != sp[i])[0]
+        out[i] = pool[rng.integers(0, len(pool))]
+    return out, same
+
+
+def fpr_threshold(negative_scores: np.ndarray, fpr: float) -> float:
+    """The score above which at most ``fpr`` of the negative pairs lie (success = score > threshold)."""
+    neg = np.asarray(negative_scores, np.float64)
+    if len(neg) == 0 or not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr_threshold: need negative scores and 0 < fpr < 1, got {len(neg)} scores, fpr {fpr!r}")
+    return float(np.quantile(neg, 1.0 - fpr, method="higher"))
 
 
 def random_other_indices(species: Sequence[str], query_species: Sequence[str], k: int,

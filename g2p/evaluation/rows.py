@@ -6,8 +6,10 @@ the tables, plots and figures list it under its ``title``.
 
 Sources:
 
-- ``record``: the barcode's own record image (one image: its best-of-k is
-  that image at every k);
+- ``record``: real images of the barcode's species: its own record's image
+  first, then the other records of that species in the split, k in all
+  (cycled when the split holds fewer: best-of-k then reads every real image
+  there is);
 - ``other_species``: k real images of other species of the same split;
 - ``nearest_barcodes``: the images of the k training records whose barcodes
   are closest (:func:`g2p.evaluation.metrics.nearest_barcodes`);
@@ -32,11 +34,6 @@ class EvalRow:
     title: str
     aligner: bool = False  # generated rows: the aligner's guidance on
 
-    @property
-    def num_images(self) -> str:
-        """"one" (a single image, the same at every k) or "k"."""
-        return "one" if self.source == "record" else "k"
-
 
 REGISTRY: tuple[EvalRow, ...] = (
     EvalRow("ground_truth", "record", "Ground truth (the record's image)"),
@@ -44,6 +41,32 @@ REGISTRY: tuple[EvalRow, ...] = (
     EvalRow("no_aligner", "generated", "Stable Diffusion (no aligner)"),
     EvalRow("g2pdiffusion", "generated", "G2PDiffusion", aligner=True),
     EvalRow("nearest_neighbour", "nearest_barcodes", "Nearest neighbour (closest training barcodes)"),
+)
+
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A question the report answers in words: row ``a`` against row ``b`` on the same barcodes and seeds."""
+
+    a: str
+    b: str
+    question: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.a}_vs_{self.b}"
+
+
+# Every comparison the report states in words; each is a paired difference per barcode with a
+# species-clustered bootstrap interval, and "higher"/"lower" only where that interval excludes 0.
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison("g2pdiffusion", "no_aligner", "Does the aligner's guidance help?"),
+    Comparison("g2pdiffusion", "nearest_neighbour",
+               "Does the generator beat retrieving the training images of the closest barcodes?"),
+    Comparison("no_aligner", "nearest_neighbour", "Does the generator without the aligner beat retrieval?"),
+    *(Comparison(r.name, "random", "How much does it gain over random images of other species?")
+      for r in REGISTRY if r.source != "other_species"),
 )
 
 ROWS: tuple[str, ...] = tuple(r.name for r in REGISTRY)
@@ -59,8 +82,8 @@ def row(name: str) -> EvalRow:
         raise ValueError(f"row: {name!r} is not one of {list(ROWS)}") from None
 
 
-def check_registry(rows: tuple[EvalRow, ...] = REGISTRY) -> None:
-    """Names unique, exactly one ``record`` row (the reference), known sources."""
+def check_registry(rows: tuple[EvalRow, ...] = REGISTRY, comparisons: tuple[Comparison, ...] = COMPARISONS) -> None:
+    """Names unique, exactly one ``record`` row (the reference), known sources, comparisons of two rows."""
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"rows: duplicate names in {names}")
@@ -69,6 +92,9 @@ def check_registry(rows: tuple[EvalRow, ...] = REGISTRY) -> None:
     bad = [r.name for r in rows if r.source not in ("record", "other_species", "nearest_barcodes", "generated")]
     if bad:
         raise ValueError(f"rows: unknown source for {bad}")
+    unknown = [c.name for c in comparisons if c.a not in names or c.b not in names or c.a == c.b]
+    if unknown:
+        raise ValueError(f"comparisons: {unknown} name rows that are not two distinct rows of {names}")
 
 
 check_registry()

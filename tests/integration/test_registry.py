@@ -41,6 +41,20 @@ def write_metrics(root: Path, seen: float, unseen: float, eval_hash: str = "eval
                "judge": {"seen": 0.9, "unseen": 0.5}, "threshold": 0.2, "eval_config_hash": eval_hash}
     (root / "reports").mkdir(exist_ok=True)
     (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    (root / "reports" / "per_barcode.parquet").unlink(missing_ok=True)
+
+
+def write_per_barcode(root: Path, success: dict[str, list[float]]) -> None:
+    """The evaluate stage's per-barcode table for the g2pdiffusion row: split -> success@10 per barcode
+    (two barcodes a species), and metrics.json's success@10 their means."""
+    frames = [pd.DataFrame({"split": split, "processid": [f"{split}-{i}" for i in range(len(v))],
+                            "species": [f"sp{i // 2}" for i in range(len(v))], "row": "g2pdiffusion",
+                            "success@10": v, "score@10": v}) for split, v in success.items()]
+    pd.concat(frames).to_parquet(root / "reports" / "per_barcode.parquet", index=False)
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    for split, v in success.items():
+        metrics[split]["g2pdiffusion"]["success@10"] = sum(v) / len(v)
+    (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +121,7 @@ def test_lifecycle_first_worse_better_refused_force_rollback(repo: Path, store: 
     from mlflow import MlflowClient
 
     client = MlflowClient(store)
-    section = PromoteSection()  # not_worse_ci on seen/unseen success@10
+    section = PromoteSection(rule="not_worse_ci", min_delta=0.0)  # on seen/unseen success@10, unpaired
     v1 = _register(repo, 0.50, 0.20)
     assert registry.resolve_alias(NAME, "challenger") == v1 == "1"
     t = _tags(store, v1)
@@ -166,6 +180,47 @@ def test_lifecycle_first_worse_better_refused_force_rollback(repo: Path, store: 
     assert (t1["promotion.decision"], t1["promotion.by"], t1["promotion.champion_before"]) == ("rollback", "tester", v4)
     assert main(["promote", "--to-version", "99", "--params", str(repo / "params.yaml")]) == 2
     assert "no version '99'" in capsys.readouterr().err
+
+
+def test_paired_gate_pairs_the_versions_barcode_by_barcode(repo: Path, store: str) -> None:
+    """The default rule: challenger - champion per barcode (the register runs' per_barcode.parquet), a
+    species-clustered interval whose lower bound must reach min_delta; without the tables it refuses."""
+    import numpy as np
+
+    section = PromoteSection()
+    assert (section.rule, section.min_delta) == ("paired_not_worse", -0.05)
+    base = {s: np.random.default_rng(i).integers(0, 2, 60).astype(float).tolist()
+            for i, s in enumerate(["seen", "unseen"])}
+
+    def register(success: dict[str, list[float]] | None) -> str:
+        write_metrics(repo, 0.5, 0.5)
+        if success is not None:
+            write_per_barcode(repo, success)
+        return registry.register(RegisterSection(), section, root=repo, progress=False)["version"]
+
+    v1 = register(base)
+    assert registry.promote(NAME, section).action == "first"
+    # the same per-barcode results: a difference of exactly 0, promoted
+    v2 = register(base)
+    d = registry.promote(NAME, section)
+    assert d.action == "promoted" and registry.resolve_alias(NAME, "champion") == v2 != v1
+    assert d.checks[0].paired["diff"] == 0.0 and d.checks[0].paired["n_clusters"] == 30
+    # 12 of 60 seen barcodes lose their success (-20 points): kept, whatever the unpaired intervals say
+    worse = {"seen": list(base["seen"]), "unseen": base["unseen"]}
+    ones = [i for i, x in enumerate(worse["seen"]) if x == 1.0][:12]
+    for i in ones:
+        worse["seen"][i] = 0.0
+    register(worse)
+    d = registry.promote(NAME, section)
+    assert (d.action, registry.resolve_alias(NAME, "champion")) == ("kept", v2)
+    seen = d.checks[0]
+    assert seen.paired["diff"] == pytest.approx(-0.2) and seen.paired["high"] < 0 and not seen.passed
+    assert "paired difference -0.2000" in seen.text() and "minimum detectable difference" in seen.text()
+    assert d.checks[1].passed  # unseen unchanged
+    # a challenger without per-barcode results cannot be paired: refused, with the reason
+    register(None)
+    d = registry.promote(NAME, section)
+    assert d.action == "refused" and "per_barcode.parquet" in d.reason
 
 
 def test_stage_command_registers_gates_and_load_predicts(repo: Path, store: str, tmp_path: Path) -> None:
