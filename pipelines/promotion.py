@@ -131,9 +131,11 @@ def absent_sections(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def metric_absence(name: str, absent: Mapping[str, str]) -> str | None:
-    """Why metric ``name`` is absent (it lies under an absent section), else None."""
+    """Why metric ``name`` is absent (it lies under an absent section), else None. Paths compare in
+    :func:`metric_key` form, as the version tags hold them."""
+    key = metric_key(name)
     for path, reason in absent.items():
-        if name == path or name.startswith(path + "."):
+        if key == metric_key(path) or key.startswith(metric_key(path) + "."):
             return f"{path} absent: {reason}"
     return None
 

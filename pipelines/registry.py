@@ -183,7 +183,7 @@ def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: 
     keyed = {metric_key(k): v for k, v in flat.items()}
     absent = absent_sections(metrics)
     for path, reason in absent.items():
-        tags[f"{ABSENT_TAG}{path}"] = reason[:4000]
+        tags[f"{ABSENT_TAG}{metric_key(path)}"] = reason[:4000]  # e.g. seen.relative_score@1: no "@" in tags
     for m in (resolve_metric(m, keyed) for m in promote.metrics if metric_absence(m, absent) is None):
         for suffix in ("", "_low", "_high"):
             if m + suffix in flat:

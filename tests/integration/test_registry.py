@@ -36,7 +36,8 @@ def write_metrics(root: Path, seen: float, unseen: float, eval_hash: str = "eval
                 "success@10_high": s + half, "species_accuracy": s, "species_accuracy_low": s - half,
                 "species_accuracy_high": s + half}
 
-    metrics = {"seen": {"num_species": 2, "num_barcodes": 4, "g2pdiffusion": row(seen), "random": row(0.01)},
+    metrics = {"seen": {"num_species": 2, "num_barcodes": 4, "g2pdiffusion": row(seen), "random": row(0.01),
+                        "relative_score@5": {"absent": "the ground truth is not the ceiling at k=5"}},
                "unseen": {"num_species": 1, "num_barcodes": 2, "g2pdiffusion": row(unseen)},
                "judge": {"seen": 0.9, "unseen": 0.5}, "threshold": 0.2, "eval_config_hash": eval_hash}
     (root / "reports").mkdir(exist_ok=True)
@@ -128,6 +129,7 @@ def test_lifecycle_first_worse_better_refused_force_rollback(repo: Path, store: 
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert t["git.commit"] == head.strip() and t["data.md5"] == "0123abcd.dir" and t["params.sha256"]
     assert t["eval_config_hash"] == "eval-a" and t["judge"] == "bundled"
+    assert t["absent.seen.relative_score_at_5"] == "the ground truth is not the ceiling at k=5"
     assert float(t["metric.seen.g2pdiffusion.success_at_10_low"]) == pytest.approx(0.45)
     run = client.get_run(t["g2p.run_id"])
     assert run.data.tags["mlflow.parentRunId"] and run.data.tags["g2p.stage"] == "register"
