@@ -265,6 +265,12 @@ class TraitReaderConfig:
     i.e. body size, survive) and read by an MLP of width ``hidden``. Training
     augmentation: shift up to ``aug_shift`` of the side, blur with probability
     ``aug_blur`` (no colour jitter: colours are traits).
+
+    Training data: the training split's images plus ``prior_renders`` images of
+    fresh species drawn from the benchmark's prior (``g2p.data.prior``: new
+    taxonomies and trait vectors, drawn and rendered by the synthesiser's own
+    functions), so the reader reads the traits of any species instead of
+    recognising the training species (0: the training images only).
     """
 
     image_size: int = 64
@@ -273,6 +279,7 @@ class TraitReaderConfig:
     hidden: int = 256
     aug_shift: float = 0.04
     aug_blur: float = 0.3
+    prior_renders: int = 8000
 
 
 # The sampling schedulers ``sampling.scheduler`` names (diffusers classes in g2p.pipeline.SCHEDULERS).

@@ -54,7 +54,7 @@ def _tiny() -> G2PConfig:
         judge=JudgeConfig(image_size=32, channels=(8, 16), embed_dim=16, dna_hidden_size=16, dna_layers=1,
                           dna_heads=2, dna_intermediate_size=32),
         train_judge=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5, checkpoint_every=10),
-        trait_reader=TraitReaderConfig(image_size=32, channels=(8, 16), pool=2, hidden=32),
+        trait_reader=TraitReaderConfig(image_size=32, channels=(8, 16), pool=2, hidden=32, prior_renders=16),
         train_trait_reader=TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
                                        checkpoint_every=10),
         evaluate=EvaluateConfig(barcodes_per_species=1, num_samples=2, ks=(1, 2), bootstrap_reps=50,

@@ -4,8 +4,12 @@ On the synthetic benchmark every barcode's species has known phenotype
 parameters (``trait_*`` columns of ``synthetic_ground_truth.parquet``, see
 :mod:`g2p.data.traits`) and every record a drawn body size
 (``trait_size_base * size_multiplier``, Bergmann's rule). This CNN is trained
-on the real (synthetic) images to read them back, so a generated image can be
-scored trait by trait against its barcode's true species traits.
+to read them back from an image, so a generated image can be scored trait by
+trait against its barcode's true species traits. It learns from the training
+split's images and from renders of fresh species drawn from the benchmark's
+prior (:mod:`g2p.data.prior`, ``TraitReaderConfig.prior_renders``): trained on
+the training species alone it partly recognises species instead of reading
+traits, and its error on unseen species is many times that on seen ones.
 
 Targets and how they are learnt:
 
@@ -53,6 +57,23 @@ def targets_from_ground_truth(gt: pd.DataFrame) -> dict[str, np.ndarray]:
     """Every target of :attr:`TraitReader.TARGETS` from ground-truth rows (ground-truth units)."""
     out = {n: gt[f"trait_{n}"].to_numpy(dtype=np.float64) for n in TRAIT_NAMES if n != "size_base"}
     out["body_size"] = (gt["trait_size_base"] * gt["size_multiplier"]).to_numpy(dtype=np.float64)
+    return out
+
+
+def targets_from_parameters(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every target of :attr:`TraitReader.TARGETS` from drawing parameters (``g2p.data.prior`` records).
+
+    The same numbers the ground truth would hold for a benchmark record drawn
+    from them: traits and ``size_mult`` stored as float32, as
+    ``synthetic_ground_truth.parquet`` stores them, so a prior render's target
+    equals :func:`targets_from_ground_truth` of the same record.
+    """
+    missing = [k for k in (*TRAIT_NAMES, "size_mult") if k not in p]
+    if missing:
+        raise ValueError(f"p: drawing parameters lack {missing[:3]} (need every trait and size_mult)")
+    f32 = {k: np.asarray(p[k], dtype=np.float32).astype(np.float64) for k in (*TRAIT_NAMES, "size_mult")}
+    out = {n: f32[n] for n in TRAIT_NAMES if n != "size_base"}
+    out["body_size"] = f32["size_base"] * f32["size_mult"]
     return out
 
 

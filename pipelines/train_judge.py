@@ -7,7 +7,11 @@
 
 The trait reader's targets are the synthetic ground truth under ``--root``
 (``--ground-truth`` to point elsewhere); a root without it (real BIOSCAN-5M)
-skips the stage with the reason (:func:`skip_trait_reader`).
+skips the stage with the reason (:func:`skip_trait_reader`). Besides the
+training images it learns from ``trait_reader.prior_renders`` renders of fresh
+species drawn from the benchmark's prior (params ``data``, see
+:mod:`g2p.data.prior`), so it reads the traits of unseen species as well as of
+the training ones.
 
 The same machinery as the generator's stages (:mod:`pipelines.stage`), reused
 rather than copied: a ``TorchTrainer`` whose workers run the core training
@@ -167,7 +171,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         state = train.train_judge(model, data, tcfg, **kw)
     else:
         targets = trait_targets(data.processid, config["ground_truth"])
-        state = train.train_trait_reader(model, data.images, targets, tcfg, **kw)
+        # every rank renders the same prior set (deterministic in the seed); batches shard it by rank
+        images, targets = train.with_prior_renders(data.images, targets, cfg.trait_reader.prior_renders,
+                                                   cfg.data, tcfg.seed)
+        state = train.train_trait_reader(model, images, targets, tcfg, **kw)
     ray_hooks.save(state, final=True)
 
 
@@ -290,13 +297,17 @@ def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str 
 def _code_digest() -> str:
     import hashlib
 
+    import g2p.data.prior
+    import g2p.data.render
+    import g2p.data.traits
     import g2p.judge
     import g2p.train.judge
     import g2p.train.loop
     import g2p.trait_reader
 
     h = hashlib.sha256()
-    for module in (g2p.judge, g2p.trait_reader, g2p.train.judge, g2p.train.loop):
+    for module in (g2p.judge, g2p.trait_reader, g2p.train.judge, g2p.train.loop, g2p.data.prior, g2p.data.render,
+                   g2p.data.traits):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -322,6 +333,8 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
     # the run name also keys on the training code: a changed model or loop must not "resume" (i.e. reuse)
     # a finished run of the old code under the same params
     key = {s: getattr(cfg, s) for s in (model_section, stage)}
+    if stage == "train_trait_reader":
+        key["data"] = cfg.data  # the prior renders are drawn from the benchmark's data config
     key["code"] = _code_digest()
     key_json = json.dumps(key, default=str, sort_keys=True)
     extra_input = ground_truth if stage == "train_trait_reader" else None

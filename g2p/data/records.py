@@ -94,7 +94,7 @@ def _assign(tax: genome.Taxonomy, cfg: DataConfig, rng: np.random.Generator) -> 
             "owner": np.concatenate(owner).astype(np.int32)}
 
 
-def _places(tax: genome.Taxonomy, species: np.ndarray, rng: np.random.Generator,
+def places(tax: genome.Taxonomy, species: np.ndarray, rng: np.random.Generator,
             rng_sp: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates from each species' range: a centre, often near its family's region, and a spread."""
     n_sites = len(names.SITES)
@@ -120,7 +120,7 @@ def make_world_and_records(cfg: DataConfig) -> tuple[World, dict[str, np.ndarray
     world = World(cfg, tax, geom, genome.haplotypes(sp_seq, rec.pop("owner"), cfg, geom, r_genome), z,
                   traits.decode(z))
     n = rec["species"].size
-    rec["lat"], rec["lon"] = _places(tax, rec["species"], r_place, r_range)
+    rec["lat"], rec["lon"] = places(tax, rec["species"], r_place, r_range)
     rec["site"] = names.nearest_site(rec["lat"], rec["lon"])
     rec["read_start"], rec["read_length"] = genome.read_windows(n, geom, r_genome)
     rec["has_n"] = r_genome.random(n) < cfg.n_fraction_records

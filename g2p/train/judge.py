@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from g2p.config import TrainConfig
+from g2p.config import DataConfig, TrainConfig
 from g2p.data.dataset import Arrays, epoch_batches
 from g2p.judge import Judge
 from g2p.train.loop import FitState, Hooks, cycle, fit
@@ -135,15 +135,17 @@ def train_trait_reader(reader: TraitReader, images: Tensor, targets: Mapping[str
     if resume is None:
         reader.fit_normalisation(targets)
     encoded = reader.encode_targets(targets)  # dict of tensors: regression (N, R), class ids per head
-    x_all = reader.prepare_images(images)
+    if len(images) != len(encoded["regression"]):
+        raise ValueError(f"images: {len(images)} images for {len(encoded['regression'])} target rows")
     g = torch.Generator().manual_seed(cfg.seed * 1009 + rank)
     objective = wrap(_TraitObjective(reader))
-    batches = _batches(len(x_all), cfg, rank, world_size, resume)
+    batches = _batches(len(images), cfg, rank, world_size, resume)
     reader.train()
 
     def step(idx: np.ndarray, _: int) -> dict[str, Any]:
         t = torch.as_tensor(idx)
-        x = augment(x_all[t].cpu(), g, shift=rc.aug_shift, color=0.0, blur=rc.aug_blur).to(reader.device)
+        x = reader.prepare_images(images[t]).cpu()  # uint8 kept, float per batch: 4x less memory
+        x = augment(x, g, shift=rc.aug_shift, color=0.0, blur=rc.aug_blur).to(reader.device)
         batch = {k: v[t].to(reader.device) for k, v in encoded.items()}
         loss, reg, cls = objective(x, batch)
         return {"loss": loss, "regression_loss": reg, "class_loss": cls, "batch_size": len(idx)}
@@ -154,6 +156,35 @@ def train_trait_reader(reader: TraitReader, images: Tensor, targets: Mapping[str
         state.ema.copy_to_params()
     reader.eval()
     return state
+
+
+def with_prior_renders(images: Tensor, targets: Mapping[str, np.ndarray], n: int, data_cfg: DataConfig,
+                       seed: int, *, progress: bool = False) -> tuple[Tensor, dict[str, np.ndarray]]:
+    """The trait reader's training set: the real uint8 ``images`` and their ``targets``, then ``n`` renders
+    of fresh species from the benchmark's prior (:func:`g2p.data.prior.prior_set`, ``data_cfg`` is the
+    benchmark's data config, ``seed`` picks the worlds) at the real images' size, with their targets.
+
+    Why: trained on the training species alone the reader partly recognises
+    species instead of reading traits; prior renders are distributed like a
+    benchmark image of a species never seen before.
+    """
+    from g2p.data.prior import prior_set
+    from g2p.trait_reader import targets_from_parameters
+
+    if n < 0:
+        raise ValueError(f"n: the number of prior renders must be >= 0, got {n}")
+    size = int(images.shape[-1]) if images.ndim == 4 else 0
+    if size < 1:
+        raise ValueError(f"images: expected uint8 (N, 3, S, S), got shape {tuple(images.shape)}")
+    real = {k: np.asarray(v, dtype=np.float64) for k, v in targets.items()}
+    if n == 0:
+        return images, real
+    prior_images, params = prior_set(data_cfg, n, seed, size, progress=progress)
+    prior = targets_from_parameters(params)
+    missing = [k for k in prior if k not in real]
+    if missing:
+        raise ValueError(f"targets: missing {missing[:3]} (the prior renders carry {list(prior)})")
+    return torch.cat([images, prior_images]), {k: np.concatenate([real[k], prior[k]]) for k in prior}
 
 
 class _TraitObjective(nn.Module):
