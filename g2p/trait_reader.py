@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,47 @@ CATEGORICAL: dict[str, int] = {"pattern_kind": 3, "wing_type": len(WING_TYPES), 
 # size_base alone is not visible (only base x multiplier is drawn): body_size replaces it
 CONTINUOUS: tuple[str, ...] = tuple(n for n in TRAIT_NAMES if n not in CIRCULAR and n not in CATEGORICAL
                                     and n != "size_base") + ("body_size",)
+
+
+# What a biologist reads off an insect, each trait in one group (body_size: the drawn size, latitude included).
+TRAIT_GROUPS: dict[str, tuple[str, ...]] = {
+    "colour": ("body_hue", "body_light", "body_sat", "pattern_hue", "pattern_light", "wing_hue"),
+    "pattern": ("pattern_kind", "pattern_count"),
+    "shape": ("wing_type", "wing_length", "wing_width", "wing_angle", "head_size", "thorax_size", "abdomen_length",
+              "abdomen_width", "waist", "leg_length", "antenna_length", "antenna_club"),
+    "size": ("body_size",),
+}
+
+
+def genus_oracle(truth: pd.DataFrame, processids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The traits a reader of the genus alone would give: for each record, the mean of the *training*
+    records' true traits in its genus (circular mean for hues, the most common class for categoricals,
+    the plain mean otherwise). ``truth``: the synthetic ground truth indexed by processid (``split``,
+    ``genus_id`` and the ``trait_*`` columns). A genus with no training record gets the training mean."""
+    train = truth[truth["split"] == "train"]
+    if train.empty:
+        raise ValueError("truth: no 'train' records to take genus means from")
+    tt = targets_from_ground_truth(train)
+    genus = train["genus_id"].to_numpy()
+
+    def summary(idx: np.ndarray) -> dict[str, float]:
+        out = {}
+        for n, v in tt.items():
+            x = v[idx]
+            if n in CIRCULAR:
+                a = 2 * np.pi * x
+                out[n] = float(np.mod(np.arctan2(np.sin(a).mean(), np.cos(a).mean()) / (2 * np.pi), 1.0))
+            elif n in CATEGORICAL:
+                vals, counts = np.unique(np.rint(x), return_counts=True)
+                out[n] = float(vals[np.argmax(counts)])
+            else:
+                out[n] = float(x.mean())
+        return out
+
+    overall = summary(np.arange(len(train)))
+    by_genus = {g: summary(np.nonzero(genus == g)[0]) for g in np.unique(genus)}
+    rows = truth.loc[[str(p) for p in processids], "genus_id"].to_numpy()
+    return {n: np.array([by_genus.get(g, overall)[n] for g in rows], dtype=np.float64) for n in tt}
 
 
 def targets_from_ground_truth(gt: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -183,6 +183,26 @@ def paired_table(results: dict[str, Any], split: str, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def trait_group_table(traits: dict[str, Any]) -> str:
+    """Normalised trait error per group [95% species-clustered interval] for every row, the floor
+    (ground_truth: the reader on real images) and the ceiling (genus_oracle), then the paired verdicts."""
+    groups = traits["groups"]
+    names = list(next(iter(groups.values())))
+    lines = ["Normalised error per trait group (0 perfect, 1 a random other species' traits; floor: "
+             "`ground_truth`, the reader on real images of the same records; ceiling: `genus_oracle`, the mean "
+             "traits of the genus's training records) [95% interval over species]:", "",
+             "| Row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row, gs in groups.items():
+        lines.append("| " + " | ".join([row] + [f"{gs[g]['mean']:.3f} [{gs[g]['low']:.3f}, {gs[g]['high']:.3f}]"
+                                                 for g in names]) + " |")
+    lines += ["", "| Paired (a - b) | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for pair, res in traits.get("paired", {}).items():
+        lines.append("| " + " | ".join([pair.replace("_vs_", " - ")] + [
+            f"{res[g]['diff']:+.3f} [{res[g]['low']:+.3f}, {res[g]['high']:+.3f}] {res[g]['verdict']}"
+            for g in names]) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: list[int],
                  info: dict[str, Any]) -> Path:
     t = results["threshold"]
@@ -239,15 +259,18 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
                   "truth, so 1 = no better than another species, 0 = perfect; the ground-truth row is the "
                   "reader's own error).", ""]
         for split, rows in results["traits"].items():
-            names = {k for r in ROWS if r in rows for k in rows[r]}
+            listed = [r for r in (*ROWS, "genus_oracle") if r in rows]
+            names = {k for r in listed for k in rows[r]}
             show = ["mean_normalised_error"] + [n for n in ("body_size", "body_hue", "wing_hue", "wing_type",
                                                             "pattern_kind", "wing_length") if n in names]
             parts += [f"**{split}**", "", "| Row | " + " | ".join(show) + " |", "|---|" + "---|" * len(show)]
             parts += ["| " + " | ".join([row] + [f"{rows[row].get(c, float('nan')):.3f}" for c in show]) + " |"
-                      for row in ROWS if row in rows]
+                      for row in listed]
             base = rows.get("random_species_truth", {})
             parts += ["| (truth of a random other species) | 1.000 | "
                       + " | ".join(f"{base.get(c, float('nan')):.3f}" for c in show[1:]) + " |", ""]
+            if "groups" in rows:
+                parts += [trait_group_table(rows), ""]
     v = results["variation"]
     parts += ["## Variation (section 4.4)", "",
               "CLIBDScore of images generated from mutated barcodes, scored against the original barcode: "

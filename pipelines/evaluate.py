@@ -146,6 +146,44 @@ def true_traits(truth: pd.DataFrame, processids: np.ndarray) -> dict[str, np.nda
     return targets_from_ground_truth(truth.loc[[str(p) for p in processids]])
 
 
+ORACLE = "genus_oracle"  # the trait ceiling: a reader of the genus alone (g2p.trait_reader.genus_oracle)
+TRAIT_COMPARISONS = (("g2pdiffusion", ORACLE), ("no_aligner", ORACLE), ("nearest_neighbour", ORACLE),
+                     ("g2pdiffusion", "no_aligner"), ("g2pdiffusion", "nearest_neighbour"))
+
+
+def group_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                 baseline: dict[str, float]) -> dict[str, np.ndarray]:
+    """Per barcode and trait group (``TRAIT_GROUPS``): the mean over the group's traits of error / a random
+    other species' error (0 perfect, 1 no better than another species), and ``all`` over every trait."""
+    from g2p.trait_reader import TRAIT_GROUPS, trait_errors
+
+    errs = trait_errors(pred, truth)
+    norm = {n: e / baseline[n] for n, e in errs.items() if baseline.get(n, 0) > 0}
+    out = {g: np.mean([norm[n] for n in names if n in norm], axis=0) for g, names in TRAIT_GROUPS.items()
+           if any(n in norm for n in names)}
+    out["all"] = np.mean(list(norm.values()), axis=0)
+    return out
+
+
+def trait_group_report(readings: dict[str, dict[str, np.ndarray]], truth: dict[str, np.ndarray],
+                       baseline: dict[str, float], species: np.ndarray, reps: int, seed: int) -> dict[str, Any]:
+    """Each row's (and the genus oracle's) normalised error per trait group with species-clustered 95%
+    intervals, and the paired differences of ``TRAIT_COMPARISONS`` (negative: the first has lower error)."""
+    per = {row: group_errors(pred, truth, baseline) for row, pred in readings.items()}
+    out: dict[str, Any] = {"groups": {row: {g: M.clustered_mean(v, species, reps, seed) for g, v in gs.items()}
+                                      for row, gs in per.items()}}
+    out["paired"] = {}
+    for a, b in TRAIT_COMPARISONS:
+        if a in per and b in per:
+            res = {}
+            for g in per[a]:
+                d = M.paired_difference(per[a][g], per[b][g], species, reps, seed)
+                res[g] = {**d, "verdict": {"higher": "higher error", "lower": "lower error"}.get(
+                    M.verdict(d), "no detectable difference")}
+            out["paired"][f"{a}_vs_{b}"] = res
+    return out
+
+
 def mean_trait_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
                       baseline: dict[str, float]) -> dict[str, float]:
     """Mean error per trait (circular turns for hues, error rate for categoricals, |diff| otherwise) and
@@ -329,6 +367,13 @@ def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str 
                                     "success": m[f"success@{kk}"]})
             if with_traits:
                 traits_out[split][r.name] = mean_trait_errors(a[r.name]["traits"], truth, baseline)
+        if with_traits:  # per trait group: the floor (ground_truth: real images) and the ceiling (genus oracle)
+            from g2p.trait_reader import genus_oracle
+
+            readings = {r.name: a[r.name]["traits"] for r in REGISTRY}
+            readings[ORACLE] = genus_oracle(data.truth, arr.processid[sel])
+            traits_out[split][ORACLE] = mean_trait_errors(readings[ORACLE], truth, baseline)
+            traits_out[split].update(trait_group_report(readings, truth, baseline, species, reps, seed))
         drop_relative_without_ceiling(split_out, ks)
         # every comparison stated in words: paired per barcode (same barcodes, same seeds), clustered by species
         values = {r.name: M.per_barcode_values(a[r.name]["scores"], a[r.name]["hits"], threshold, ks)

@@ -116,3 +116,21 @@ def test_bad_input_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"targets\['wing_type'\]: classes must be in 0..4"):
         train_trait_reader(reader, images, {**targets, "wing_type": np.full(4, 7.0)}, CFG.train_trait_reader,
                            progress=False)
+
+
+def test_genus_oracle_is_the_genus_mean_of_the_training_records() -> None:
+    import pandas as pd
+
+    from g2p.trait_reader import TRAIT_GROUPS, TraitReader, genus_oracle
+
+    assert sorted(n for names in TRAIT_GROUPS.values() for n in names) == sorted(TraitReader.TARGETS)
+    cols = {f"trait_{n}": [0.0] * 5 for n in TraitReader.TARGETS if n != "body_size"}
+    truth = pd.DataFrame({"processid": list("abcde"), "split": ["train", "train", "train", "test", "test"],
+                          "genus_id": [1, 1, 2, 1, 3], "size_multiplier": [1.0] * 5, "trait_size_base": [1.0] * 5,
+                          **cols}).set_index("processid")
+    truth["trait_body_light"] = [0.2, 0.4, 0.9, 0.0, 0.0]
+    truth["trait_body_hue"] = [0.95, 0.15, 0.5, 0.0, 0.0]  # circular: the mean of 0.95 and 0.15 is 0.05
+    truth["trait_wing_type"] = [2, 2, 4, 0, 0]
+    o = genus_oracle(truth, ["d", "e", "a"])
+    assert o["body_light"].tolist() == pytest.approx([0.3, 0.5, 0.3])  # genus 3 has no training record: all
+    assert o["body_hue"][0] == pytest.approx(0.05) and o["wing_type"][0] == 2

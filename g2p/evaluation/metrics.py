@@ -63,6 +63,14 @@ def bootstrap_ci(values: np.ndarray, reps: int = 1000, seed: int = 0, level: flo
     return float(lo), float(hi)
 
 
+def clustered_mean(values: np.ndarray, clusters: Sequence[str], reps: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict[str, float]:
+    """Mean of per-barcode ``values`` with a bootstrap interval that resamples whole ``clusters`` (species):
+    ``{"mean", "low", "high"}``."""
+    d = paired_difference(values, np.zeros(len(values)), clusters, reps, seed, level)
+    return {"mean": d["diff"], "low": d["low"], "high": d["high"]}
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, clusters: Sequence[str] | None = None, reps: int = 1000,
                       seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """mean(a - b) over paired units (barcodes, same seeds) with a cluster bootstrap interval.

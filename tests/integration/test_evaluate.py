@@ -102,6 +102,15 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
         assert 0.0 <= metrics["judge"][split]["species_accuracy"] <= 1.0
         assert set(ROWS) <= set(metrics["traits"][split])
         assert metrics["traits"][split]["g2pdiffusion"]["body_size"] >= 0.0
+        # per trait group: every row, the floor (ground truth) and the ceiling (genus oracle), clustered intervals
+        groups = metrics["traits"][split]["groups"]
+        assert set(groups) == {*ROWS, "genus_oracle"}
+        for row, gs in groups.items():
+            assert set(gs) == {"colour", "pattern", "shape", "size", "all"}
+            assert all(g["low"] <= g["mean"] <= g["high"] for g in gs.values())
+        d = metrics["traits"][split]["paired"]["g2pdiffusion_vs_genus_oracle"]["colour"]
+        gen, oracle = groups["g2pdiffusion"]["colour"]["mean"], groups["genus_oracle"]["colour"]["mean"]
+        assert d["diff"] == pytest.approx(gen - oracle)
         # every comparison stated in words is paired: its difference is the rows' difference on the same barcodes
         for c in COMPARISONS:
             for key in [f"score@{k}" for k in ks] + [f"success@{k}" for k in ks] + ["species_accuracy"]:
