@@ -212,9 +212,10 @@ def ray_dataset(folder: str | Path, columns: Sequence[str] | None = None, *, shu
     """The dataset as a Ray ``Dataset``, streamed; ``shuffle``: block order randomised at each pass.
 
     ``repeats`` > 1 makes one pass cover that many epochs, for a data set of
-    at most SMALL_BYTES only: it is read once into the object store
-    (``materialize``) and its blocks are referenced ``repeats`` times (copies
-    read separately would each start their own read chain). Larger data sets
+    at most SMALL_BYTES only: it is read once into the object store, a file at
+    a time from this process (no read tasks to start), and its blocks are
+    referenced ``repeats`` times (copies read separately would each start
+    their own read chain). Larger data sets
     stream as they are, one epoch a pass, where a pass's start-up is small
     beside the epoch.
     """
@@ -226,12 +227,29 @@ def ray_dataset(folder: str | Path, columns: Sequence[str] | None = None, *, shu
     fs, paths = files(folder, m)
     per_row = row_bytes(m.get("image_size") if "image" in (columns or ["image"]) else None,
                         (m.get("latent") or {}).get("shape") if "latent" in (columns or ["latent"]) else None)
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None,
-                               override_num_blocks=num_blocks(m["rows"], per_row, cluster_cpus()))
+    blocks = num_blocks(m["rows"], per_row, cluster_cpus())
+    cols = list(columns) if columns else None
     if repeats > 1 and m["rows"] * per_row <= SMALL_BYTES:
-        ds = ds.materialize()
+        ds = ray.data.from_arrow_refs(_small_blocks(fs, paths, cols, -(-m["rows"] // blocks)))
         ds = ds.union(*[ds] * (repeats - 1))
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, override_num_blocks=blocks)
     return ds.randomize_block_order() if shuffle else ds
+
+
+def _small_blocks(fs: Any, paths: Sequence[str], columns: list[str] | None, rows_per_block: int) -> list[Any]:
+    """A small data set's blocks put in the object store from here, one file read at a time: no Ray Data
+    read tasks to start (a materialising read costs seconds, which a stage of a few steps would pay)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    refs = []
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        for a in range(0, table.num_rows, rows_per_block):
+            refs.append(ray.put(table.slice(a, rows_per_block)))
+        del table
+    return refs
 
 
 def load_arrays(folder: str | Path, image_size: int | None = None) -> Any:

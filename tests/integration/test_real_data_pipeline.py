@@ -47,9 +47,11 @@ def real_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         assert summary["records_out"] == len(replicated_records()) and summary["images_missing"] == 0, summary
 
     # one Ray worker and 2 steps a stage: this test is about the data path (DDP: test_pipeline.py);
-    # train_base skipped (steps: 0, as the paper preset does): its input model goes on to train_diffusion
+    # train_vae and train_base skipped (steps: 0, as the paper preset does): their input models go on, and
+    # the real records still pass through encode_latents, train_diffusion, train_aligner and train_judge
     return repo, make_tiny_repo(repo, import_real, steps=2,
-                                params={"ray": {"num_workers": 1}, "train_base": {"steps": 0}})
+                                params={"ray": {"num_workers": 1}, "train_vae": {"steps": 0},
+                                        "train_base": {"steps": 0}})
 
 
 def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict[str, str]],
@@ -102,6 +104,7 @@ def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict
     runs = stage_runs(env)
     assert set(runs) == {*TRAIN_STAGES, "evaluate", "register"}
     assert runs["train_trait_reader"].data.tags["g2p.skipped"] == reason
-    base = json.loads((repo / "outputs" / "metrics" / "train_base.json").read_text())
-    assert base["skipped"] is True and runs["train_base"].data.tags["g2p.skipped"] == base["reason"]
+    for stage in ("train_vae", "train_base"):
+        skipped = json.loads((repo / "outputs" / "metrics" / f"{stage}.json").read_text())
+        assert skipped["skipped"] is True and runs[stage].data.tags["g2p.skipped"] == skipped["reason"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
