@@ -368,8 +368,8 @@ class EvaluateConfig:
     threshold_pairs: int = 0
     threshold_fpr: float = 0.05
     batch_barcodes: int = 6
-    vary_barcodes: int = 4
-    vary_samples: int = 1
+    vary_barcodes: int = 24  # one per species: the intervals resample them
+    vary_samples: int = 2
     mutation_rates: tuple[float, ...] = MUTATION_RATES
     latitudes: tuple[float, ...] = LATITUDES
 

@@ -114,7 +114,9 @@ def write_figures(results: dict[str, Any], art: dict[str, Any], out: Path) -> di
         axes[0][1].plot(v["latitudes"], v["body_size_by_latitude"], marker="o")
         axes[0][1].set_xlabel("latitude")
         axes[0][1].set_ylabel("measured body size")
-        axes[0][1].set_title(f"slope {v['bergmann_slope']}/deg (truth {v['bergmann_truth']})", fontsize=9)
+        s = v["bergmann_slope"]
+        axes[0][1].set_title(f"slope {s:.4f}/deg (truth {v['bergmann_truth']})" if s is not None
+                             else f"slope n/a (truth {v['bergmann_truth']})", fontsize=9)
     fig.tight_layout()
     figs["variation"] = figdir / "variation.png"
     fig.savefig(figs["variation"], dpi=110)
@@ -272,14 +274,29 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
             if "groups" in rows:
                 parts += [trait_group_table(rows), ""]
     v = results["variation"]
+    lows, highs = v.get("score_by_rate_low", v["score_by_rate"]), v.get("score_by_rate_high", v["score_by_rate"])
     parts += ["## Variation (section 4.4)", "",
-              "CLIBDScore of images generated from mutated barcodes, scored against the original barcode: "
-              + ", ".join(f"{r:.0%}: {s:.3f}" for r, s in zip(v["mutation_rates"], v["score_by_rate"])) + "."]
+              f"CLIBDScore of images generated from mutated barcodes ({v['num_barcodes']} barcodes of as many "
+              f"species x {v['samples_per_barcode']} images), scored against the original barcode [95% interval "
+              "over barcodes]: " + ", ".join(f"{r:.0%}: {s:.3f} [{lo:.3f}, {hi:.3f}]" for r, s, lo, hi in
+                                             zip(v["mutation_rates"], v["score_by_rate"], lows, highs)) + "."]
+    if "score_drop" in v:
+        d = v["score_drop"]
+        parts += ["", f"Score at {d['from_rate']:.0%} minus at {d['to_rate']:.0%} mutation, paired per barcode: "
+                      f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['verdict']})."]
+
+    def slope(key: str) -> str:
+        if v.get(key) is None:
+            return "not measurable"
+        ci = f" [{v[key + '_low']:.4f}, {v[key + '_high']:.4f}] over {v[key + '_groups']} groups" \
+            if key + "_low" in v else " (one pooled fit, no interval)"
+        return f"{v[key]:.4f}{ci}"
+
     if "bergmann_slope" in v:
         parts += ["", f"Body size measured by the trait reader against latitude: fitted relative slope "
-                      f"**{v['bergmann_slope']}** per degree of |latitude| (synthetic truth's Bergmann "
-                      f"coefficient {v['bergmann_truth']}; the same fit on real test images: "
-                      f"{v['bergmann_slope_real_images']})."]
+                      f"**{slope('bergmann_slope')}** per degree of |latitude| (synthetic truth's Bergmann "
+                      f"coefficient {v['bergmann_truth']}; the same fit on real test images, per species: "
+                      f"{slope('bergmann_slope_real_images')})."]
     elif "absent" in results.get("traits", {}):
         parts += ["", f"Body size against latitude: not measured (it needs the trait reader; "
                       f"{results['traits']['absent']})."]

@@ -417,8 +417,16 @@ def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, prog
     bc = judge.embed_barcodes(barcodes)
     emb = judge.embed_images(mut.reshape(b * r * n, *mut.shape[3:])).reshape(b, r, n, -1)
     score = (emb * bc[:, None, None, :]).sum(-1).numpy()  # against the *original* barcode
-    out: dict[str, Any] = {"mutation_rates": rates, "score_by_rate": [float(x) for x in score.mean(axis=(0, 2))],
+    per = score.mean(axis=2)  # (B, R): one value per barcode (each of its own species) and rate
+    species = np.asarray(arr.species[sel], dtype=object)
+    reps, seed = ecfg.bootstrap_reps, ecfg.seed
+    cis = [M.clustered_mean(per[:, j], species, reps, seed) for j in range(r)]
+    out: dict[str, Any] = {"mutation_rates": rates, "score_by_rate": [c["mean"] for c in cis],
+                           "score_by_rate_low": [c["low"] for c in cis], "score_by_rate_high": [c["high"] for c in cis],
                            "num_barcodes": int(len(sel)), "samples_per_barcode": int(n)}
+    if r > 1:  # does the score fall with mutation? the unmutated barcode against the most mutated, paired
+        d = M.paired_difference(per[:, 0], per[:, -1], species, reps, seed)
+        out["score_drop"] = {**d, "from_rate": rates[0], "to_rate": rates[-1], "verdict": M.verdict(d)}
     art: dict[str, Any] = {"mutation": mut, "rates": rates}
     if with_lat:
         li = v.latitude  # (B, L, n, 3, H, W)
@@ -427,11 +435,11 @@ def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, prog
         group = np.broadcast_to(np.arange(b)[:, None, None], size.shape)
         out["latitudes"] = lats
         out["body_size_by_latitude"] = [float(x) for x in size.mean(axis=(0, 2))]
-        out["bergmann_slope"] = _slope_or_none(abs_lat.ravel(), size.ravel(), group.ravel())
+        out.update(_slope_with_ci("bergmann_slope", abs_lat.ravel(), size.ravel(), group.ravel(), reps, seed))
         # the same fit on real test images: what the reader sees when the truth is there
         real = real_sizes if real_sizes is not None else trait_reader.predict(arr.images)["body_size"]
         sp = np.unique(arr.species, return_inverse=True)[1]
-        out["bergmann_slope_real_images"] = _slope_or_none(np.abs(arr.lat.numpy()), real, sp)
+        out.update(_slope_with_ci("bergmann_slope_real_images", np.abs(arr.lat.numpy()), real, sp, reps, seed))
         art["latitude"] = li
         art["lats"] = lats
     out["bergmann_truth"] = bergmann_truth
@@ -439,15 +447,20 @@ def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, prog
     return out, art
 
 
-def _slope_or_none(abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray) -> float | None:
-    """Per-group fit where groups have several latitudes, else one pooled fit; None if neither is possible
-    (e.g. a reader that reads non-positive sizes: no relative slope)."""
-    for g in (group, None):
+def _slope_with_ci(key: str, abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray, reps: int,
+                   seed: int) -> dict[str, Any]:
+    """``{key: mean relative slope over groups, key_low/_high: 95% interval resampling groups (barcodes or
+    species), key_groups: how many}``; where no group has two latitudes, one pooled fit without an interval;
+    ``{key: None}`` if neither is possible (e.g. a reader that reads non-positive sizes)."""
+    try:
+        ids, slopes = M.bergmann_slopes(abs_lat, size, group)
+    except ValueError:
         try:
-            return M.bergmann_slope(abs_lat, size, g)
+            return {key: M.bergmann_slope(abs_lat, size, None)}
         except ValueError:
-            continue
-    return None
+            return {key: None}
+    c = M.clustered_mean(slopes, ids.astype(str), reps, seed)
+    return {key: c["mean"], f"{key}_low": c["low"], f"{key}_high": c["high"], f"{key}_groups": int(len(ids))}
 
 
 def eval_config_hash(ecfg, data: EvalData) -> str:

@@ -367,19 +367,27 @@ def bergmann_slope(abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray | No
     With ``group`` (e.g. one id per barcode) each group gets its own linear
     fit size = a_g + c_g |lat| and the result is the mean of c_g / a_g.
     """
+    return float(np.mean(bergmann_slopes(abs_lat, size, group)[1]))
+
+
+def bergmann_slopes(abs_lat: np.ndarray, size: np.ndarray,
+                    group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(group ids, relative slope c_g / a_g of each group that has two latitudes and a positive intercept):
+    the per-group fits :func:`bergmann_slope` averages, for intervals over groups."""
     x, y = np.asarray(abs_lat, float), np.asarray(size, float)
     g = np.zeros(len(x), dtype=np.int64) if group is None else np.asarray(group)
-    slopes = []
+    ids, slopes = [], []
     for gid in np.unique(g):
         m = g == gid
         if np.ptp(x[m]) == 0:
             continue
         slope, intercept = np.polyfit(x[m], y[m], 1)
         if intercept > 0:
+            ids.append(gid)
             slopes.append(slope / intercept)
     if not slopes:
         raise ValueError("abs_lat: need at least two different latitudes in a group to fit a slope")
-    return float(np.mean(slopes))
+    return np.asarray(ids), np.asarray(slopes, dtype=np.float64)
 
 
 def trait_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],

@@ -127,6 +127,12 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
     assert len(v["score_by_rate"]) == len(ecfg.mutation_rates)
     assert len(v["body_size_by_latitude"]) == len(ecfg.latitudes)
     assert v["bergmann_truth"] == CFG.data.bergmann_coefficient and "bergmann_slope" in v
+    # every variation figure carries an interval over barcodes; the drop with mutation is paired
+    assert all(lo <= s <= hi for s, lo, hi in zip(v["score_by_rate"], v["score_by_rate_low"], v["score_by_rate_high"]))
+    d = v["score_drop"]
+    assert d["diff"] == pytest.approx(v["score_by_rate"][0] - v["score_by_rate"][-1]) and d["low"] <= d["high"]
+    if v["bergmann_slope"] is not None and "bergmann_slope_low" in v:
+        assert v["bergmann_slope_low"] <= v["bergmann_slope"] <= v["bergmann_slope_high"]
     t = metrics["threshold"]  # fitted on the held-out val images against same-genus negatives, at 5% FPR
     assert -1.0 < t["value"] < 1.0 and t["source"] == "val" and t["false_positive_rate"] <= 0.05
     assert t["num_pairs"] == truth["split"].isin(["val", "val_unseen"]).sum() and 0 < t["same_genus_share"] <= 1

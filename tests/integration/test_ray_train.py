@@ -107,6 +107,10 @@ def test_local_ray_object_store_is_the_configured_size(ray_local) -> None:
     import ray
 
     assert ray.cluster_resources()["object_store_memory"] == pytest.approx(OBJECT_STORE_GB * 2**30, rel=0.01)
+    # the controller polls its workers at ensure_ray's interval unless the user chose one
+    from pipelines.ray_train import HEALTH_CHECK_INTERVAL_S
+
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == HEALTH_CHECK_INTERVAL_S
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,10 @@ def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict
     decision = json.loads((repo / "reports" / "promotion.json").read_text())
     assert decision["action"] == "first" and decision["promote"] is True, decision
     assert decision["registered"]["version"] == "1"
-    assert decision["absent"] == {"traits": reason}, decision
+    # absent: the truth-based traits, and relative scores where the ground truth is not the ceiling
+    assert decision["absent"]["traits"] == reason, decision
+    assert all(k.startswith(("seen.relative_score", "unseen.relative_score")) and "not the ceiling" in v
+               for k, v in decision["absent"].items() if k != "traits"), decision
     assert [c["metric"] for c in decision["checks"]] == ["seen.g2pdiffusion.success@2",
                                                          "unseen.g2pdiffusion.success@2"]
     from mlflow import MlflowClient
