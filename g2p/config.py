@@ -238,6 +238,15 @@ class JudgeConfig:
     ``aug_shift`` of the side, brightness/contrast jitter of +-``aug_color``,
     a slight blur with probability ``aug_blur``. Species sharing a batch are
     all positives of each other when ``species_positives``.
+
+    Training data: the ``train`` split plus the records of ``extra_splits``
+    (default ``key_unseen``: the unseen species' reference images and
+    barcodes, which the generator never sees), so the judge knows the species
+    it grades at test time instead of rewarding "looks like the genus"; never
+    an evaluation split (val, test, val_unseen, test_unseen).
+    Batches (``batch_species_per_genus`` > 0): groups of that many species of
+    one genus, ``batch_records_per_species`` records each, so every InfoNCE
+    denominator holds genus-mates (hard negatives); 0: plain random batches.
     """
 
     image_size: int = 64
@@ -254,6 +263,26 @@ class JudgeConfig:
     aug_shift: float = 0.03
     aug_color: float = 0.05
     aug_blur: float = 0.3
+    extra_splits: tuple[str, ...] = ("key_unseen",)
+    batch_species_per_genus: int = 3  # 0: plain random batches (no genus groups)
+    batch_records_per_species: int = 2
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.extra_splits if s in JUDGE_FORBIDDEN_SPLITS]
+        if bad:
+            raise ConfigError(f"judge.extra_splits: {bad[0]!r} is a training or evaluation split; the judge "
+                              f"may add reference splits only (e.g. key_unseen), never {list(JUDGE_FORBIDDEN_SPLITS)}")
+        n = self.batch_species_per_genus
+        if isinstance(n, bool) or not (n == 0 or n >= 2):
+            raise ConfigError(f"judge.batch_species_per_genus: {self.batch_species_per_genus!r} is not a count of "
+                              "species (0 = plain random batches, >= 2 = genus groups)")
+        if isinstance(self.batch_records_per_species, bool) or self.batch_records_per_species < 1:
+            raise ConfigError(f"judge.batch_records_per_species: {self.batch_records_per_species!r} is not a "
+                              "count of records >= 1")
+
+
+# ``train`` is always the judge's; the rest are where it is measured (never trained on)
+JUDGE_FORBIDDEN_SPLITS = ("train", "val", "test", "val_unseen", "test_unseen")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The paper grades its samples with CLIBD (bioscan-ml/clibd): an image tower and
 a BarcodeBERT DNA tower, embeddings L2-normalised into one space, trained with
 a symmetric InfoNCE loss at a learnable temperature. CLIBDScore of an
 (image, barcode) pair is the cosine of their embeddings. This module is our
-own small version, trained on the training split as the ``train_judge`` stage.
+own small version, trained as the ``train_judge`` stage on the training split
+plus the unseen species' reference records (``key_unseen``; never their val or
+test records), in batches of same-genus species (:mod:`g2p.train.judge`).
 
 It shares no weights, code path or checkpoint with the aligner (which guides
 sampling), so the generator is never graded by its own guide: the DNA tower

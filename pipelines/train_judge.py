@@ -26,8 +26,12 @@ and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
 - judge: species-level image-to-DNA retrieval (:func:`g2p.judge.species_retrieval`:
   one averaged embedding per species). Seen: real ``test`` images against the
   ``val`` barcodes of the 72 seen species; unseen: ``test_unseen`` images
-  against the ``key_unseen`` barcodes of the unseen species (never trained
-  on), and against seen + unseen keys together (``unseen_all``, harder);
+  against the ``key_unseen`` barcodes of the unseen species (reference
+  records the judge trains on with ``judge.extra_splits``; the
+  ``test_unseen`` images never are). ``seen_all`` / ``unseen_all``: against
+  seen + unseen keys together, as ``evaluate`` decides species (among all of
+  them, so an unseen species' image that matches a seen genus-mate is a miss
+  and so is the converse);
 - trait reader: its own error per trait on ``val`` (seen species, held-out
   records) and ``test_unseen`` images, next to the error of always
   predicting the training mean (mode for categoricals), so evaluation can
@@ -86,6 +90,29 @@ def load_split(valid: str | Path, root: str | Path, split: str, image_size: int 
     if rows.empty:
         raise ValueError(f"split: no validated records of split {split!r} in {valid}")
     return load_arrays(root, records_from_frame(rows), image_size)
+
+
+def judge_training_data(train: Arrays, valid: str | Path, root: str | Path,
+                        extra_splits: Sequence[str]) -> tuple[Arrays, np.ndarray]:
+    """The judge's training records and each one's genus: ``train`` then the validated records of
+    ``extra_splits`` (``judge.extra_splits``, e.g. ``key_unseen``: the unseen species' reference images and
+    barcodes) at the training images' size; the genus ('' unknown) joined from ``valid.parquet`` on
+    ``processid``, for the genus batches (:func:`g2p.train.judge.genus_epoch_batches`)."""
+    import pandas as pd
+
+    from g2p.config import JUDGE_FORBIDDEN_SPLITS
+    from g2p.data.dataset import concat_arrays
+
+    bad = [s for s in extra_splits if s in JUDGE_FORBIDDEN_SPLITS]
+    if bad:  # the config refuses these too; a hand-built list must not leak an evaluation split either
+        raise ValueError(f"extra_splits: {bad[0]!r} is a training or evaluation split, never the judge's extra data")
+    size = None if train.images is None else int(train.images.shape[-1])
+    data = concat_arrays([train] + [load_split(valid, root, s, size) for s in extra_splits])
+    df = pd.read_parquet(valid, columns=["processid", "genus"])
+    genus = df.assign(genus=df["genus"].astype("string").fillna("")).drop_duplicates("processid")
+    genus = genus.set_index(genus["processid"].astype(str))["genus"]
+    pids = [str(p) for p in data.processid]
+    return data, genus.reindex(pids).fillna("").to_numpy(dtype=object)
 
 
 def trait_targets(processid: Sequence[str], ground_truth: str | Path) -> dict[str, np.ndarray]:
@@ -160,6 +187,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + rank)
 
     data = load_arrays_file(config["data"])
+    genus = None
+    if stage == "train_judge":  # + the reference records of unseen species, and every record's genus
+        data, genus = judge_training_data(data, config["valid"], config["root"], cfg.judge.extra_splits)
     factory = config["hooks_factory"]
     user = factory(rank, world) if factory else Hooks()
     ray_hooks = _RayHooks(stage, _Saver(model, cfg), tcfg, Path(config["log_path"]), user,
@@ -168,7 +198,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     kw = dict(rank=rank, world_size=world, hooks=ray_hooks.hooks(), resume=resume, progress=False,
               wrap=_wrap_for(stage, section, device))
     if stage == "train_judge":
-        state = train.train_judge(model, data, tcfg, **kw)
+        state = train.train_judge(model, data, tcfg, genus=genus, **kw)
     else:
         targets = trait_targets(data.processid, config["ground_truth"])
         # every rank renders the same prior set (deterministic in the seed); batches shard it by rank
@@ -181,8 +211,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
 def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: str,
                      scaling: RaySection = RaySection(), storage_path: str | Path | None = None,
                      ground_truth: str | Path = DEFAULT_GROUND_TRUTH,
-                     hooks_factory: HooksFactory | None = None) -> StageRun:
-    """Train ``stage`` on Ray workers (resuming ``storage_path/run_name`` if it exists)."""
+                     hooks_factory: HooksFactory | None = None, valid: str | Path = "outputs/validation/valid.parquet",
+                     root: str | Path = "data") -> StageRun:
+    """Train ``stage`` on Ray workers (resuming ``storage_path/run_name`` if it exists); the judge also reads
+    ``judge.extra_splits`` and the genera from ``valid`` (images under ``root``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -196,7 +228,8 @@ def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: 
     log_path = storage / run_name / LOG_NAME
     worker_cfg = {"stage": stage, "cfg": cfg.to_json(), "data": str(Path(data).resolve()), "ray": asdict(scaling),
                   "log_path": str(log_path), "hooks_factory": hooks_factory,
-                  "ground_truth": str(Path(ground_truth).resolve())}
+                  "ground_truth": str(Path(ground_truth).resolve()), "valid": str(Path(valid).resolve()),
+                  "root": str(Path(root).resolve())}
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
@@ -238,9 +271,11 @@ def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, 
     tu, ku = load_split(valid, root, "test_unseen", size), load_split(valid, root, "key_unseen", None)
     q, kemb = judge.embed_images(tu.images), judge.embed_barcodes(ku.barcode)
     out.update({f"unseen_{k}": v for k, v in species_retrieval(q, tu.species, kemb, ku.species).items()})
-    both = torch.cat([judge.embed_barcodes(val.barcode), kemb])
-    out.update({f"unseen_all_{k}": v for k, v in species_retrieval(
-        q, tu.species, both, list(val.species) + list(ku.species)).items()})
+    # among all species, seen and unseen (evaluate's species accuracy decides among all of them too)
+    both, both_species = torch.cat([judge.embed_barcodes(val.barcode), kemb]), list(val.species) + list(ku.species)
+    out.update({f"unseen_all_{k}": v for k, v in species_retrieval(q, tu.species, both, both_species).items()})
+    out.update({f"seen_all_{k}": v for k, v in species_retrieval(
+        judge.embed_images(test.images), test.species, both, both_species).items()})
     # true pairs vs shuffled pairs on real test images: the scale a CLIBDScore lives on
     for prefix, arrays in (("seen", test), ("unseen", tu)):
         img, dna = judge.embed_images(arrays.images), judge.embed_barcodes(arrays.barcode)
@@ -337,13 +372,14 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
         key["data"] = cfg.data  # the prior renders are drawn from the benchmark's data config
     key["code"] = _code_digest()
     key_json = json.dumps(key, default=str, sort_keys=True)
-    extra_input = ground_truth if stage == "train_trait_reader" else None
+    extra_input = ground_truth if stage == "train_trait_reader" else valid  # the judge's extra splits, genera
     name = f"{stage}-{run_key(stage, key_json, data, extra_input, asdict(scaling))}"
     uri = tracking.tracking_uri()
     with tracking.start_stage_run(stage, cfg) as active:
         run_id = active.info.run_id
         result = run_grader_stage(stage, cfg, data=data, run_name=name, scaling=scaling, storage_path=storage_path,
-                                  ground_truth=ground_truth, hooks_factory=tracking.ray_hooks_factory(run_id, uri))
+                                  ground_truth=ground_truth, hooks_factory=tracking.ray_hooks_factory(run_id, uri),
+                                  valid=valid, root=root)
         dest = Path(out)
         if dest.exists():
             shutil.rmtree(dest)

@@ -33,7 +33,7 @@ def trained() -> tuple[Judge, list[float]]:
     torch.manual_seed(0)
     judge = Judge(CFG.judge)
     losses: list[float] = []
-    train_judge(judge, two_species_arrays(32), replace(CFG.train_judge, steps=40),
+    train_judge(judge, two_species_arrays(32), replace(CFG.train_judge, steps=40), genus=["G"] * 32,
                 hooks=Hooks(on_step=[lambda step, m: losses.append(m["loss"])]), progress=False)
     return judge, losses
 
@@ -136,7 +136,7 @@ def test_same_seed_same_judge() -> None:
     for _ in range(2):
         torch.manual_seed(0)
         j = Judge(CFG.judge)
-        train_judge(j, data, replace(CFG.train_judge, steps=5), progress=False)
+        train_judge(j, data, replace(CFG.train_judge, steps=5), genus=["G"] * 8, progress=False)
         scores.append(j.score(data.images, data.barcode))
     assert torch.equal(scores[0], scores[1])
 

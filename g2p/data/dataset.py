@@ -45,6 +45,26 @@ class Arrays:
         )
 
 
+def concat_arrays(parts: Sequence[Arrays]) -> Arrays:
+    """The records of ``parts`` one after another (images all present at one size, or all absent)."""
+    if not parts:
+        raise ValueError("parts: nothing to concatenate")
+    with_images = {p.images is not None for p in parts}
+    if len(with_images) > 1:
+        raise ValueError("parts: some carry images and some do not")
+    sizes = {tuple(p.images.shape[1:]) for p in parts if p.images is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"parts: images of different shapes {sorted(sizes)}; load them at one image_size")
+    return Arrays(
+        processid=np.concatenate([np.asarray(p.processid) for p in parts]),
+        barcode=[b for p in parts for b in p.barcode],
+        lat=torch.cat([p.lat for p in parts]), lon=torch.cat([p.lon for p in parts]),
+        has_place=torch.cat([p.has_place for p in parts]),
+        species=np.concatenate([np.asarray(p.species, dtype=object) for p in parts]),
+        images=torch.cat([p.images for p in parts]) if parts[0].images is not None else None,
+    )
+
+
 def records_from_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The columns the model reads, from metadata or ``valid.parquet`` rows."""
     barcode_col = "dna_barcode_normalised" if "dna_barcode_normalised" in df else "dna_barcode"

@@ -5,6 +5,7 @@ No MLOps imports here; ``pipelines/evaluate.py`` is the DVC stage around them.
 
 from g2p.evaluation.rows import GENERATED, REGISTRY, ROWS, EvalRow, row
 from g2p.evaluation.metrics import (
+    all_species_prototypes,
     bergmann_slope,
     best_of_k,
     bootstrap_ci,
@@ -26,7 +27,8 @@ from g2p.evaluation.metrics import (
 
 __all__ = [
     "GENERATED", "REGISTRY", "ROWS", "EvalRow", "row",
-    "bergmann_slope", "best_of_k", "bootstrap_ci", "derangement", "gaussian_kde", "kmer_profiles",
+    "all_species_prototypes", "bergmann_slope", "best_of_k", "bootstrap_ci", "derangement", "gaussian_kde",
+    "kmer_profiles",
     "nearest_barcodes", "nearest_species", "random_other_indices", "rate_with_ci", "ratio_ci",
     "score_densities", "species_hits", "species_prototypes", "success_threshold", "topk_metrics",
     "trait_errors",

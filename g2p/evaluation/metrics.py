@@ -234,6 +234,28 @@ def species_prototypes(barcode_emb: np.ndarray, species: Sequence[str]) -> tuple
     return names, protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
 
 
+def all_species_prototypes(barcode_embs: Mapping[str, np.ndarray],
+                           species: Mapping[str, Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`species_prototypes` over every split's barcodes together (e.g. ``seen`` test and ``unseen``
+    test_unseen): one set of candidates, all seen and unseen species, for every split's species accuracy.
+
+    Why not per split: against its own split's species only, an unseen species' image is never asked
+    to beat its seen genus-mates (and a seen one its unseen congeners), so a judge that scores "looks
+    like the genus" passes; among all species it counts a hit only when the record's own species is the
+    closest. A species in two splits is one candidate (its barcodes pooled).
+    """
+    if set(barcode_embs) != set(species):
+        raise ValueError(f"species: splits {sorted(species)} do not match barcode_embs' {sorted(barcode_embs)}")
+    if not barcode_embs:
+        raise ValueError("barcode_embs: no split to make prototypes of")
+    for split, e in barcode_embs.items():
+        if len(e) != len(species[split]):
+            raise ValueError(f"species[{split!r}]: {len(species[split])} names for {len(e)} barcode embeddings")
+    order = sorted(barcode_embs)
+    return species_prototypes(np.concatenate([np.asarray(barcode_embs[s], np.float64) for s in order]),
+                              [str(x) for s in order for x in species[s]])
+
+
 def species_hits(image_emb: np.ndarray, image_species: Sequence[str], names: np.ndarray,
                  protos: np.ndarray) -> np.ndarray:
     """(N,) 1.0 where an image's closest species prototype is its own species, else 0.0."""

@@ -10,11 +10,15 @@ Augmentation (:func:`augment`) is what makes the graders usable on generated
 images: a sampler's output is never pixel-identical to a photo, so the
 towers see shifted, slightly blurred and (judge only) brightness/contrast
 jittered copies of the real images.
+
+The judge's batches (:func:`genus_epoch_batches`) are groups of several
+species of one genus, so its InfoNCE denominators hold congeners: what tells
+an unseen species from its seen relatives, which random batches rarely show.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,12 +39,82 @@ def _identity(module: nn.Module) -> nn.Module:
     return module
 
 
-def _batches(n: int, cfg: TrainConfig, rank: int, world_size: int, resume: dict | None) -> Iterator[np.ndarray]:
+def _batches(n: int, cfg: TrainConfig, rank: int, world_size: int, resume: dict | None,
+             make_epoch: Callable[[int, int], Iterable[np.ndarray]] | None = None) -> Iterator[np.ndarray]:
+    """Endless per-rank index batches; ``make_epoch(epoch, per_rank)`` gives one epoch's (default: the plain
+    seeded permutation of ``n``). Deterministic, so resuming skips the ``resume['step']`` batches trained on."""
     per_rank = max(1, cfg.batch_size // world_size)  # global batch = cfg.batch_size
-    it = cycle(lambda epoch: epoch_batches(n, per_rank, cfg.seed, epoch, rank, world_size))
+    if make_epoch is None:
+        it = cycle(lambda epoch: epoch_batches(n, per_rank, cfg.seed, epoch, rank, world_size))
+    else:
+        it = cycle(lambda epoch: make_epoch(epoch, per_rank))
     for _ in range(int(resume["step"]) if resume else 0):  # past the batches already trained on
         next(it)
     return it
+
+
+def genus_groups(species: Sequence[str], genus: Sequence[str], species_per_group: int, records_per_species: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's record groups, every record in exactly one: ``species_per_group`` species of one genus,
+    up to ``records_per_species`` records of each, interleaved (a, b, c, a, b, c), so a group cut in two at a
+    batch edge still holds two species in each part of two or more records.
+
+    Within a genus the species with the most records left go first (ties at random): species drain
+    together, so groups hold 2+ species as long as the genus has 2+ species left. A species of unknown
+    genus ('') is a genus of its own; an unlabelled record (species '') is a group of its own.
+    """
+    if species_per_group < 1 or records_per_species < 1:
+        raise ValueError(f"species_per_group, records_per_species: expected >= 1, got {species_per_group}, "
+                         f"{records_per_species}")
+    sp, ge = np.asarray(species, dtype=object), np.asarray(genus, dtype=object)
+    if len(sp) != len(ge):
+        raise ValueError(f"genus: {len(ge)} values for {len(sp)} records")
+    by_genus: dict[str, dict[str, list[int]]] = {}
+    groups: list[np.ndarray] = []
+    for i, (s, g) in enumerate(zip(sp.tolist(), ge.tolist())):
+        s, g = str(s or ""), str(g or "")
+        if not s:
+            groups.append(np.array([i]))
+            continue
+        by_genus.setdefault(g or "\0" + s, {}).setdefault(s, []).append(i)
+    for key in sorted(by_genus):
+        chunks: dict[str, list[np.ndarray]] = {}
+        for s, idx in sorted(by_genus[key].items()):
+            perm = rng.permutation(np.asarray(idx))
+            chunks[s] = [perm[a:a + records_per_species] for a in range(0, len(perm), records_per_species)]
+        while True:
+            left = [s for s in chunks if chunks[s]]
+            if not left:
+                break
+            tie = rng.random(len(left))
+            pick = sorted(range(len(left)), key=lambda j: (-len(chunks[left[j]]), tie[j]))[:species_per_group]
+            parts = [chunks[left[j]].pop() for j in pick]
+            groups.append(np.array([p[t] for t in range(max(map(len, parts))) for p in parts if t < len(p)]))
+    return groups
+
+
+def genus_epoch_batches(species: Sequence[str], genus: Sequence[str], batch_size: int, seed: int, epoch: int,
+                        rank: int = 0, world_size: int = 1, *, species_per_group: int = 3,
+                        records_per_species: int = 2) -> list[np.ndarray]:
+    """One epoch's index batches of ``batch_size`` (per rank) made of genus groups (:func:`genus_groups`).
+
+    Why: with random batches a species' genus-mates are rarely in its InfoNCE denominator, so the judge
+    learns "looks like the genus" and never to tell congeners apart, which is all that separates an
+    unseen species from its seen relatives. The groups, in a seeded order, form one stream of records
+    shared by every rank (deterministic in ``(seed, epoch)``); global batch t is the stream's t-th run of
+    ``batch_size * world_size`` records and rank r trains on its r-th slice (disjoint shards; the tail
+    that fills no global batch waits for the next epoch's shuffle). Fewer records than one global batch:
+    one smaller batch per rank, as :func:`g2p.data.dataset.epoch_batches`.
+    """
+    rng = np.random.default_rng((seed, epoch))
+    groups = genus_groups(species, genus, species_per_group, records_per_species, rng)
+    stream = np.concatenate([groups[i] for i in rng.permutation(len(groups))]) if groups else np.zeros(0, int)
+    rounds = len(stream) // (batch_size * world_size)
+    if rounds == 0:
+        per = len(stream) // world_size
+        return [stream[rank * per:(rank + 1) * per]] if per else []
+    return [stream[(t * world_size + rank) * batch_size:(t * world_size + rank + 1) * batch_size]
+            for t in range(rounds)]
 
 
 def augment(x: Tensor, g: torch.Generator, *, shift: float, color: float, blur: float) -> Tensor:
@@ -74,19 +148,37 @@ def species_labels(species: np.ndarray) -> Tensor:
     return torch.as_tensor([index[str(s)] if str(s) else len(names) + i for i, s in enumerate(species)])
 
 
-def train_judge(judge: Judge, data: Arrays, cfg: TrainConfig, *, rank: int = 0, world_size: int = 1,
-                hooks: Hooks | None = None, resume: dict | None = None, progress: bool = True,
-                until: int | None = None, wrap: Wrap = _identity) -> FitState:
-    """Symmetric InfoNCE between augmented images and their barcodes (species-mates are positives)."""
+def train_judge(judge: Judge, data: Arrays, cfg: TrainConfig, *, genus: Sequence[str] | None = None,
+                rank: int = 0, world_size: int = 1, hooks: Hooks | None = None, resume: dict | None = None,
+                progress: bool = True, until: int | None = None, wrap: Wrap = _identity) -> FitState:
+    """Symmetric InfoNCE between augmented images and their barcodes (species-mates are positives).
+
+    ``data``: the training records (the pipeline passes the ``train`` split plus ``judge.extra_splits``);
+    ``genus``: (N,) each record's genus ('' unknown), needed when ``judge.batch_species_per_genus`` > 0:
+    batches are then genus groups (:func:`genus_epoch_batches`), so genus-mates are each other's negatives.
+    """
     if data.images is None:
         raise ValueError("data.images: the judge trains on images, got an Arrays without images")
     jc = judge.cfg
+    make_epoch = None
+    if jc.batch_species_per_genus > 0:
+        if genus is None:
+            raise ValueError(f"genus: judge.batch_species_per_genus={jc.batch_species_per_genus} builds batches "
+                             "from genera; pass each record's genus (or set it to 0 for random batches)")
+        if len(genus) != len(data):
+            raise ValueError(f"genus: {len(genus)} values for {len(data)} records")
+        genera = np.asarray(genus, dtype=object)
+
+        def make_epoch(epoch: int, per_rank: int) -> list[np.ndarray]:
+            return genus_epoch_batches(data.species, genera, per_rank, cfg.seed, epoch, rank, world_size,
+                                       species_per_group=jc.batch_species_per_genus,
+                                       records_per_species=jc.batch_records_per_species)
     g = torch.Generator().manual_seed(cfg.seed * 1009 + rank)
     ids_all, mask_all = judge.tokenize(data.barcode)  # (N, L) once: the tokenizer is not in the step
     images = judge.prepare_images(data.images)  # (N, 3, S, S) in [-1, 1]
     labels = species_labels(data.species)
     objective = wrap(_JudgeObjective(judge))
-    batches = _batches(len(data), cfg, rank, world_size, resume)
+    batches = _batches(len(data), cfg, rank, world_size, resume, make_epoch)
     judge.train()
 
     def step(idx: np.ndarray, _: int) -> dict[str, Any]:

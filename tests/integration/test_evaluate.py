@@ -262,7 +262,9 @@ def test_same_seed_same_metrics_equal_to_the_definitions_computed_in_process(set
     sel = evaluate.select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)
     bcs = [arr.barcode[i] for i in sel]
     bc = judge.embed_barcodes(bcs)
-    names, protos = M.species_prototypes(judge.embed_barcodes(list(arr.barcode)).numpy(), arr.species)
+    names, protos = M.all_species_prototypes({s: judge.embed_barcodes(list(a.barcode)).numpy()
+                                              for s, a in data.splits.items()},
+                                             {s: a.species for s, a in data.splits.items()})
 
     def row(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         b, k = images.shape[:2]

@@ -72,7 +72,8 @@ def test_train_judge_stage_trains_tracks_and_measures_retrieval(workspace: Path)
     assert saved == json.loads(json.dumps(summary)) and saved["steps"] == 8
     r = saved["retrieval"]
     assert r["seen_num_species"] == 8 and r["unseen_num_species"] == 4 and r["unseen_all_num_species"] == 12
-    for k in ("seen_top1", "seen_top5", "unseen_top1", "unseen_all_top1"):
+    assert r["seen_all_num_species"] == 12  # seen images decided among seen and unseen species too
+    for k in ("seen_top1", "seen_top5", "unseen_top1", "unseen_all_top1", "seen_all_top1"):
         assert 0.0 <= r[k] <= 1.0
     assert r["seen_top5"] >= r["seen_top1"]
     for split in ("seen", "unseen"):
