@@ -217,8 +217,9 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
              "truth scores highest of all rows. The ground-truth row at k is the best of k real images of the "
              "barcode's species in the split (its own record first; cycled where the split holds fewer). "
              "Intervals: 95% bootstrap over barcodes. Species accuracy: "
-             "share of each row's images (all k per barcode) whose closest species (mean barcode embedding over "
-             "the split's test records) is its own; chance = 1 / number of species.", "",
+             "share of each row's images (all k per barcode) whose closest species among all seen and unseen "
+             "species (mean barcode embedding over the test records of both splits) is its own; chance = 1 / "
+             "number of candidate species.", "",
              f"Success threshold: **{t['value']:.3f}**, fitted on {t['num_pairs']} held-out "
              f"{'val / val_unseen' if t['source'] == 'val' else 'training (no val records)'} images: the score "
              f"above which {100 * t['false_positive_rate']:.1f}% of them score with the barcode of another species "
@@ -233,7 +234,8 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
         s = results[split]
         j = results["judge"][split]
         parts += [f"## {title}", "",
-                  f"{s['num_barcodes']} barcodes, {s['num_species']} species (chance {1 / s['num_species']:.3f}); "
+                  f"{s['num_barcodes']} barcodes, {s['num_species']} species (species accuracy decides among "
+                  f"{j.get('num_candidate_species', s['num_species'])}: chance {j['chance']:.3f}); "
                   f"judge's own species accuracy on all {j['num_images']} real test images: "
                   f"{100 * j['species_accuracy']:.1f}%. Nearest neighbour's closest training record is the "
                   f"same species for {100 * s['nearest_neighbour']['same_species_share']:.1f}% of barcodes.", "",

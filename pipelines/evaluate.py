@@ -149,6 +149,10 @@ def true_traits(truth: pd.DataFrame, processids: np.ndarray) -> dict[str, np.nda
     return targets_from_ground_truth(truth.loc[[str(p) for p in processids]])
 
 
+# Bumped when a measurement's definition changes under the same settings and records (2: species accuracy
+# among all seen and unseen species, val-fitted threshold, k real images as ground truth), so eval_config_hash
+# never calls two evaluations comparable that are not.
+EVAL_PROTOCOL = 2
 ORACLE = "genus_oracle"  # the trait ceiling: a reader of the genus alone (g2p.trait_reader.genus_oracle)
 TRAIT_COMPARISONS = (("g2pdiffusion", ORACLE), ("no_aligner", ORACLE), ("nearest_neighbour", ORACLE),
                      ("g2pdiffusion", "no_aligner"), ("g2pdiffusion", "nearest_neighbour"))
@@ -473,7 +477,8 @@ def eval_config_hash(ecfg, data: EvalData) -> str:
     ident = {split: [str(p) for p in
                      arr.processid[select_barcodes(arr.species, ecfg.barcodes_per_species, ecfg.max_species)]]
              for split, arr in data.splits.items()}
-    payload = json.dumps({"evaluate": asdict(ecfg), "records": ident, "train": len(data.train)}, sort_keys=True)
+    payload = json.dumps({"evaluate": asdict(ecfg), "records": ident, "train": len(data.train),
+                          "protocol": EVAL_PROTOCOL}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

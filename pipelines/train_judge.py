@@ -24,16 +24,17 @@ and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
 ``G2PDiffusion``) and what the driver measures after training:
 
 - judge: species-level image-to-DNA retrieval (:func:`g2p.judge.species_retrieval`:
-  one averaged embedding per species). Seen: real ``test`` images against the
-  ``val`` barcodes of the 72 seen species; unseen: ``test_unseen`` images
-  against the ``key_unseen`` barcodes of the unseen species (reference
+  one averaged embedding per species), on held-out ``val`` / ``val_unseen``
+  images (``test`` is read by the evaluate stage alone). Seen: ``val`` images
+  against the training barcodes of the seen species; unseen: ``val_unseen``
+  images against the ``key_unseen`` barcodes of the unseen species (reference
   records the judge trains on with ``judge.extra_splits``; the
-  ``test_unseen`` images never are). ``seen_all`` / ``unseen_all``: against
+  ``val_unseen`` images never are). ``seen_all`` / ``unseen_all``: against
   seen + unseen keys together, as ``evaluate`` decides species (among all of
   them, so an unseen species' image that matches a seen genus-mate is a miss
   and so is the converse);
 - trait reader: its own error per trait on ``val`` (seen species, held-out
-  records) and ``test_unseen`` images, next to the error of always
+  records) and ``val_unseen`` images, next to the error of always
   predicting the training mean (mode for categoricals), so evaluation can
   say how far to trust it.
 """
@@ -265,10 +266,12 @@ def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, 
     from g2p.judge import species_retrieval
 
     size = judge.cfg.image_size
-    test, val = load_split(valid, root, "test", size), load_split(valid, root, "val", None)
+    # held-out val images, never test (test is the evaluate stage's alone); the seen species' keys are their
+    # training barcodes, the unseen species' their key_unseen reference barcodes
+    test, val = load_split(valid, root, "val", size), load_split(valid, root, "train", None)
     out = {f"seen_{k}": v for k, v in species_retrieval(judge.embed_images(test.images), test.species,
                                                        judge.embed_barcodes(val.barcode), val.species).items()}
-    tu, ku = load_split(valid, root, "test_unseen", size), load_split(valid, root, "key_unseen", None)
+    tu, ku = load_split(valid, root, "val_unseen", size), load_split(valid, root, "key_unseen", None)
     q, kemb = judge.embed_images(tu.images), judge.embed_barcodes(ku.barcode)
     out.update({f"unseen_{k}": v for k, v in species_retrieval(q, tu.species, kemb, ku.species).items()})
     # among all species, seen and unseen (evaluate's species accuracy decides among all of them too)
@@ -297,7 +300,7 @@ def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, 
 
 def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str | Path, root: str | Path,
                   ground_truth: str | Path) -> dict[str, Any]:
-    """Per-trait error on held-out records (``val``) and unseen species (``test_unseen``), with a baseline."""
+    """Per-trait error on held-out records (``val``) and unseen species (``val_unseen``), with a baseline."""
     from g2p.trait_reader import CATEGORICAL, CIRCULAR, trait_errors
 
     def constant(name: str, n: int) -> np.ndarray:
@@ -311,7 +314,7 @@ def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str 
         return np.full(n, t.mean())
 
     out: dict[str, Any] = {}
-    for split in ("val", "test_unseen"):
+    for split in ("val", "val_unseen"):  # held out, never test
         arrays = load_split(valid, root, split, reader.cfg.image_size)
         truth = trait_targets(arrays.processid, ground_truth)
         err = trait_errors(reader.predict(arrays.images), truth)

@@ -100,7 +100,7 @@ def test_train_trait_reader_stage_reports_every_trait(workspace: Path) -> None:
     saved = json.loads((workspace / "metrics" / "train_trait_reader.json").read_text())
     assert saved["steps"] == 6
     assert reader.cfg.prior_renders == 16  # the tiny preset's prior renders were part of its training set
-    for split, n in (("val", 8), ("test_unseen", 4)):
+    for split, n in (("val", 8), ("val_unseen", 4)):
         held = saved["held_out"][split]
         assert held["num_records"] == n and set(held["traits"]) == set(reader.TARGETS)
         for name, row in held["traits"].items():
