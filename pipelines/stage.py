@@ -162,9 +162,9 @@ def skip(stage: str, cfg: Any, *, out: str, init_model: str | None, metrics_dir:
     """A stage with ``steps: 0``: its output is its input model, unchanged, and no Ray job starts.
 
     The ``paper`` preset loads Stable Diffusion's VAE and UNet, so its ``train_vae``
-    and ``train_base`` have nothing to train; the embedded default trains the
-    conditional UNet from scratch in ``train_diffusion`` (condition dropout makes
-    the unconditional branch), so its ``train_base`` is skipped too.
+    and ``train_base`` have nothing to train. The embedded default trains both
+    (without train_base the generator's val species accuracy fell 13 points:
+    docs/experiments/README.md, "Time to quality").
     """
     if init_model is None:
         raise ValueError(f"{stage}.steps: 0 (skip the stage) needs --init-model, the model it passes on")
