@@ -13,4 +13,4 @@ import os
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
-from tests.fixtures import bioscan_sample_root  # noqa: E402, F401
+from tests.fixtures import bioscan_sample_root, one_thread  # noqa: E402, F401

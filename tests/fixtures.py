@@ -119,3 +119,15 @@ def two_species_arrays(n: int = 16, seed: int = 0) -> Arrays:
         species=np.array([f"sp{i % 2}" for i in range(n)], dtype=object),
         images=torch.from_numpy(np.stack(images)),
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waits
+    made a step up to 100x slower (a 2-step tiny sample 9 s instead of 0.1 s under load 11); the
+    module's tests run on one thread, restored afterwards.
+    Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,14 +22,7 @@ from g2p.train.loop import Hooks
 
 CFG = preset("tiny")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(genera: int = 6, seen: int = 3, per_seen: int = 12, unseen: int = 1, per_unseen: int = 4,

@@ -30,13 +30,7 @@ from g2p.trait_reader import TraitReader, targets_from_ground_truth, targets_fro
 CFG = preset("tiny")
 DATA = CFG.data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_renders_are_deterministic_and_independent_of_chunking() -> None:

@@ -15,13 +15,7 @@ from serving.testing import tiny_model, tiny_pipeline
 
 BARCODE = "ACGT" * 150
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loaded(folder) -> G2PModel:

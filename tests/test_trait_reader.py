@@ -15,15 +15,7 @@ from g2p.train.judge import train_trait_reader
 
 CFG = preset("tiny")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads' spin-waits
-    make a step up to 100x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:

@@ -24,7 +24,7 @@ from pipelines import registry
 from pipelines.registry import PromoteSection, RegisterSection
 from tests.tiny_diffusion import tiny_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 NAME = "g2pdiffusion"
 CFG = tiny_config()  # 16 px, 8/16-wide UNet: sampling takes milliseconds
 BARCODE = "ACGT" * 160
@@ -73,16 +73,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"]):
         subprocess.run(["git", "-C", str(root), *cmd], check=True, capture_output=True)
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spinning
-    made a 2-step tiny sample take 9 s instead of 0.1 s (measured under load 11)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
