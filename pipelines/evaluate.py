@@ -54,8 +54,10 @@ import torch
 from g2p.data.dataset import Arrays
 from g2p.evaluation import metrics as M
 from g2p.evaluation.rows import COMPARISONS, GENERATED, REFERENCE, REGISTRY, ROWS
-from pipelines.eval_pool import TASK_IMAGES, progress_bar, run_tasks
+from g2p.evaluation.traits import ORACLE, mean_trait_errors, trait_group_report
+from pipelines.eval_pool import TASK_IMAGES, run_tasks
 from pipelines.eval_report import PER_BARCODE, write_figures, write_per_barcode, write_plots, write_report
+from pipelines.eval_variation import variation
 
 
 @dataclass
@@ -133,11 +135,12 @@ def same_species_indices(species: np.ndarray, sel: np.ndarray, k: int) -> tuple[
     """(len(sel), k) indices of real images of each selected record's species in its split: the record
     itself first, then the species' other records in order, cycled to k when there are fewer; and how
     many distinct images each row holds."""
-    sp = np.asarray(species, dtype=object)
+    names, inverse = np.unique(np.asarray(species, dtype=object).astype(str), return_inverse=True)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])  # once, not per record
     out, n = np.zeros((len(sel), k), dtype=np.int64), np.zeros(len(sel), dtype=np.int64)
     for i, r in enumerate(sel):
-        others = [j for j in np.nonzero(sp == sp[r])[0] if j != r]
-        pool = np.array([r, *others][:k])
+        others = members[inverse[r]]
+        pool = np.concatenate([[r], others[others != r]])[:k]
         out[i], n[i] = pool[np.arange(k) % len(pool)], len(pool)
     return out, n
 
@@ -153,57 +156,6 @@ def true_traits(truth: pd.DataFrame, processids: np.ndarray) -> dict[str, np.nda
 # among all seen and unseen species, val-fitted threshold, k real images as ground truth), so eval_config_hash
 # never calls two evaluations comparable that are not.
 EVAL_PROTOCOL = 2
-ORACLE = "genus_oracle"  # the trait ceiling: a reader of the genus alone (g2p.trait_reader.genus_oracle)
-TRAIT_COMPARISONS = (("g2pdiffusion", ORACLE), ("no_aligner", ORACLE), ("nearest_neighbour", ORACLE),
-                     ("g2pdiffusion", "no_aligner"), ("g2pdiffusion", "nearest_neighbour"))
-
-
-def group_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-                 baseline: dict[str, float]) -> dict[str, np.ndarray]:
-    """Per barcode and trait group (``TRAIT_GROUPS``): the mean over the group's traits of error / a random
-    other species' error (0 perfect, 1 no better than another species), and ``all`` over every trait."""
-    from g2p.trait_reader import TRAIT_GROUPS, trait_errors
-
-    errs = trait_errors(pred, truth)
-    norm = {n: e / baseline[n] for n, e in errs.items() if baseline.get(n, 0) > 0}
-    out = {g: np.mean([norm[n] for n in names if n in norm], axis=0) for g, names in TRAIT_GROUPS.items()
-           if any(n in norm for n in names)}
-    out["all"] = np.mean(list(norm.values()), axis=0)
-    return out
-
-
-def trait_group_report(readings: dict[str, dict[str, np.ndarray]], truth: dict[str, np.ndarray],
-                       baseline: dict[str, float], species: np.ndarray, reps: int, seed: int) -> dict[str, Any]:
-    """Each row's (and the genus oracle's) normalised error per trait group with species-clustered 95%
-    intervals, and the paired differences of ``TRAIT_COMPARISONS`` (negative: the first has lower error)."""
-    per = {row: group_errors(pred, truth, baseline) for row, pred in readings.items()}
-    out: dict[str, Any] = {"groups": {row: {g: M.clustered_mean(v, species, reps, seed) for g, v in gs.items()}
-                                      for row, gs in per.items()}}
-    out["paired"] = {}
-    for a, b in TRAIT_COMPARISONS:
-        if a in per and b in per:
-            res = {}
-            for g in per[a]:
-                d = M.paired_difference(per[a][g], per[b][g], species, reps, seed)
-                res[g] = {**d, "verdict": {"higher": "higher error", "lower": "lower error"}.get(
-                    M.verdict(d), "no detectable difference")}
-            out["paired"][f"{a}_vs_{b}"] = res
-    return out
-
-
-def mean_trait_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-                      baseline: dict[str, float]) -> dict[str, float]:
-    """Mean error per trait (circular turns for hues, error rate for categoricals, |diff| otherwise) and
-    ``mean_normalised_error``: the mean over traits of error / the error of a random other species' truth
-    (1 = no better than guessing another species, 0 = perfect)."""
-    from g2p.trait_reader import trait_errors
-
-    errs = {n: float(np.mean(e)) for n, e in trait_errors(pred, truth).items()}
-    norm = [errs[n] / baseline[n] for n in errs if baseline.get(n, 0) > 0]
-    errs["mean_normalised_error"] = float(np.mean(norm)) if norm else float("nan")
-    return errs
-
-
 # ----------------------------------------------------------------------------
 # the evaluation
 # ----------------------------------------------------------------------------
@@ -403,73 +355,6 @@ def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str 
                                                        aligner_guidance_scale=guided, **skw)
     results["seconds"] = round(time.time() - t0, 1)
     return results, art
-
-
-def variation(pipe, judge, arr: Arrays, ecfg, trait_reader, bergmann_truth, progress,
-              real_sizes: np.ndarray | None = None, **knobs):
-    """Section 4.4 (:func:`g2p.variation.variation_images`): CLIBDScore against mutation rate; measured body
-    size against latitude. Every variant of a barcode shares its starting noise."""
-    from g2p.variation import variation_images
-
-    sel = select_barcodes(arr.species, 1)[: ecfg.vary_barcodes]
-    barcodes = [arr.barcode[i] for i in sel]
-    lat = [float(arr.lat[i]) if arr.has_place[i] else None for i in sel]
-    lon = [float(arr.lon[i]) if arr.has_place[i] else None for i in sel]
-    n, rates = ecfg.vary_samples, list(ecfg.mutation_rates)
-    with_lat = trait_reader is not None and "body_size" in getattr(trait_reader, "TARGETS", ())
-    lats = list(ecfg.latitudes) if with_lat else []
-    bar = progress_bar(len(sel) * n * (len(rates) + len(lats)), "evaluate: variation", progress)
-    v = variation_images(pipe, barcodes, lat, lon, rates=rates, sweep=lats, num_images=n, seed=ecfg.seed,
-                         on_images=bar.update, **knobs)
-    mut = v.mutation  # (B, R, n, 3, H, W)
-    b, r = len(barcodes), len(rates)
-    bc = judge.embed_barcodes(barcodes)
-    emb = judge.embed_images(mut.reshape(b * r * n, *mut.shape[3:])).reshape(b, r, n, -1)
-    score = (emb * bc[:, None, None, :]).sum(-1).numpy()  # against the *original* barcode
-    per = score.mean(axis=2)  # (B, R): one value per barcode (each of its own species) and rate
-    species = np.asarray(arr.species[sel], dtype=object)
-    reps, seed = ecfg.bootstrap_reps, ecfg.seed
-    cis = [M.clustered_mean(per[:, j], species, reps, seed) for j in range(r)]
-    out: dict[str, Any] = {"mutation_rates": rates, "score_by_rate": [c["mean"] for c in cis],
-                           "score_by_rate_low": [c["low"] for c in cis], "score_by_rate_high": [c["high"] for c in cis],
-                           "num_barcodes": int(len(sel)), "samples_per_barcode": int(n)}
-    if r > 1:  # does the score fall with mutation? the unmutated barcode against the most mutated, paired
-        d = M.paired_difference(per[:, 0], per[:, -1], species, reps, seed)
-        out["score_drop"] = {**d, "from_rate": rates[0], "to_rate": rates[-1], "verdict": M.verdict(d)}
-    art: dict[str, Any] = {"mutation": mut, "rates": rates}
-    if with_lat:
-        li = v.latitude  # (B, L, n, 3, H, W)
-        size = trait_reader.predict(li.reshape(-1, *li.shape[3:]))["body_size"].reshape(b, len(lats), n)
-        abs_lat = np.broadcast_to(np.abs(np.asarray(lats))[None, :, None], size.shape)
-        group = np.broadcast_to(np.arange(b)[:, None, None], size.shape)
-        out["latitudes"] = lats
-        out["body_size_by_latitude"] = [float(x) for x in size.mean(axis=(0, 2))]
-        out.update(_slope_with_ci("bergmann_slope", abs_lat.ravel(), size.ravel(), group.ravel(), reps, seed))
-        # the same fit on real test images: what the reader sees when the truth is there
-        real = real_sizes if real_sizes is not None else trait_reader.predict(arr.images)["body_size"]
-        sp = np.unique(arr.species, return_inverse=True)[1]
-        out.update(_slope_with_ci("bergmann_slope_real_images", np.abs(arr.lat.numpy()), real, sp, reps, seed))
-        art["latitude"] = li
-        art["lats"] = lats
-    out["bergmann_truth"] = bergmann_truth
-    bar.close()
-    return out, art
-
-
-def _slope_with_ci(key: str, abs_lat: np.ndarray, size: np.ndarray, group: np.ndarray, reps: int,
-                   seed: int) -> dict[str, Any]:
-    """``{key: mean relative slope over groups, key_low/_high: 95% interval resampling groups (barcodes or
-    species), key_groups: how many}``; where no group has two latitudes, one pooled fit without an interval;
-    ``{key: None}`` if neither is possible (e.g. a reader that reads non-positive sizes)."""
-    try:
-        ids, slopes = M.bergmann_slopes(abs_lat, size, group)
-    except ValueError:
-        try:
-            return {key: M.bergmann_slope(abs_lat, size, None)}
-        except ValueError:
-            return {key: None}
-    c = M.clustered_mean(slopes, ids.astype(str), reps, seed)
-    return {key: c["mean"], f"{key}_low": c["low"], f"{key}_high": c["high"], f"{key}_groups": int(len(ids))}
 
 
 def eval_config_hash(ecfg, data: EvalData) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -59,7 +58,7 @@ LOG_FLUSH_S = 5.0  # how often rank 0 rewrites the step log to storage between c
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_S = "0.2"
 HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train's controller polling (see ensure_ray)
-START_ATTEMPTS = 3  # a local Ray start that times out or loses its dashboard port is retried
+START_ATTEMPTS = 3  # a local Ray start that times out (an overloaded machine) is retried
 DATA_CPUS = 1  # logical CPUs a local Ray adds for Ray Data's streaming readers (see ensure_ray)
 
 
@@ -124,18 +123,15 @@ def load_ray_section(path: str | Path = "params.yaml") -> RaySection:
 # ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_ray(num_cpus: int | None = None, object_store_gb: float | None = None) -> float:
     """Join ``RAY_ADDRESS`` if set, else start a local Ray sized to this machine (its object store
     ``object_store_gb``, default Ray's); seconds taken.
 
-    The dashboard is on (on a free port): Train V2's placement-group cleaner
-    polls the state API it serves and warns every 10 s without it.
+    The dashboard is on: Train V2's placement-group cleaner polls the state API
+    it serves and warns every 10 s without it. Its port is Ray's to choose
+    (8265, else the next free one: Ray retries a taken port itself, where a
+    port we pinned could be taken by Ray's own processes before the dashboard
+    bound it, and fail the start).
     """
     import ray
 
@@ -156,20 +152,16 @@ def ensure_ray(num_cpus: int | None = None, object_store_gb: float | None = None
         # One logical CPU beyond the cores: training workers reserve theirs, and
         # Ray Data's readers, which stream the shards to them, need one left.
         for attempt in range(START_ATTEMPTS):
-            port = _free_port()  # free now; Ray's own processes may take it before the dashboard binds
             try:
                 ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + DATA_CPUS, include_dashboard=True,
-                         dashboard_port=port, logging_level=logging.WARNING,
+                         logging_level=logging.WARNING,
                          object_store_memory=int(object_store_gb * 2**30) if object_store_gb else None)
                 break
-            except Exception as e:
-                # Ray waits a fixed 30 s for its raylet, which an overloaded machine can miss; and the
-                # dashboard's port, free when chosen, can be taken by Ray's own workers in between.
-                transient = "timed out during startup" in str(e) or "already occupied" in str(e)
-                if not transient or attempt == START_ATTEMPTS - 1:
+            except Exception as e:  # Ray waits a fixed 30 s for its raylet; an overloaded machine can miss it
+                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS - 1:
                     raise
                 ray.shutdown()
-                print(f"ensure_ray: local Ray did not start ({e}); retrying", flush=True)
+                print(f"ensure_ray: local Ray did not start in time ({e}); retrying", flush=True)
     return time.perf_counter() - t0
 
 

@@ -5,7 +5,7 @@ training species only is far worse on unseen species. This script measures a
 reader's mean error per trait and per trait group on REAL images of ``val``
 (seen species, held-out records) and ``val_unseen`` (species never trained on),
 never ``test``, next to the error of a random other species' true traits (the
-normaliser of ``pipelines/evaluate.py::mean_trait_errors``: a record's truth
+normaliser of ``g2p/evaluation/traits.py::mean_trait_errors``: a record's truth
 against the truth of a random record of another species of the same split).
 
 Trait groups (from ``g2p.data.traits.TRAIT_NAMES``; ``body_size`` = size_base x

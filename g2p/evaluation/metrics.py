@@ -352,11 +352,14 @@ def same_genus_negatives(species: Sequence[str], genus: Sequence[str], seed: int
         raise ValueError(f"species: need records of at least 2 species for negatives, got {sorted(set(sp.tolist()))}")
     rng = np.random.default_rng(seed)
     out, same = np.zeros(len(sp), dtype=np.int64), np.zeros(len(sp), dtype=bool)
+    pools: dict[tuple[object, object], np.ndarray] = {}  # one pool per (genus, species), not per record
     for i in range(len(sp)):
-        pool = np.nonzero((ge == ge[i]) & (sp != sp[i]))[0]
-        same[i] = len(pool) > 0
-        if not same[i]:
-            pool = np.nonzero(sp != sp[i])[0]
+        key = (ge[i], sp[i])
+        if key not in pools:
+            pool = np.nonzero((ge == ge[i]) & (sp != sp[i]))[0]
+            pools[key] = pool if len(pool) else np.nonzero(sp != sp[i])[0]
+        pool = pools[key]
+        same[i] = ge[pool[0]] == ge[i]
         out[i] = pool[rng.integers(0, len(pool))]
     return out, same
 
