@@ -164,9 +164,7 @@ def _species_arrays(species: list[str], per_species: int, seed: int) -> Arrays:
                   species=np.array(names, dtype=object), images=torch.from_numpy(np.stack(images)))
 
 
-def test_train_judge_on_genus_batches_with_key_unseen_records(monkeypatch: pytest.MonkeyPatch) -> None:
-    import g2p.train.judge as tj
-
+def test_train_judge_on_genus_batches_with_key_unseen_records() -> None:
     seen = _species_arrays(["A a", "A b", "B a", "B b"], 6, seed=0)  # two genera, two seen species each
     key_unseen = _species_arrays(["A sp. 1", "B sp. 1"], 3, seed=1)  # one unseen species per genus
     data = concat_arrays([seen, key_unseen])
@@ -175,24 +173,17 @@ def test_train_judge_on_genus_batches_with_key_unseen_records(monkeypatch: pytes
     tcfg = replace(CFG.train_judge, steps=4, batch_size=8, warmup_steps=1, log_every=1)
     torch.manual_seed(0)
     judge = Judge(CFG.judge)
-    assert judge.cfg.batch_species_per_genus > 0
-    epochs: list[tuple[int, list[np.ndarray]]] = []
-
-    def spy(*args, **kw):  # the batches train_judge draws
-        out = genus_epoch_batches(*args, **kw)
-        epochs.append((kw["species_per_group"], out))
-        return out
-
-    monkeypatch.setattr(tj, "genus_epoch_batches", spy)
+    assert judge.cfg.batch_species_per_genus == 3
+    # the batches this configuration draws put genus-mates, unseen ones included, side by side
+    batches = genus_epoch_batches(data.species, genus, 8, tcfg.seed, 0, species_per_group=3,
+                                  records_per_species=judge.cfg.batch_records_per_species)
+    for b in batches:
+        assert len(b) == 8 and _mate_share([b], data.species, np.asarray(genus, dtype=object)) >= 0.75
+    assert any(" sp. " in str(data.species[i]) for b in batches for i in b)
     logged: list[dict] = []
     train_judge(judge, data, tcfg, genus=genus, progress=False,
                 hooks=Hooks(on_step=[lambda step, m: logged.append(dict(m))]))
     assert len(logged) == 4 and all(np.isfinite(m["loss"]) for m in logged)
-    assert epochs and epochs[0][0] == 3
-    for b in epochs[0][1]:  # batches of 8 that put genus-mates, unseen ones included, side by side
-        assert len(b) == 8 and _mate_share([b], data.species, np.asarray(genus, dtype=object)) >= 0.75
-    assert any(" sp. " in str(data.species[i]) for _, bs in epochs for b in bs for i in b)
-    monkeypatch.undo()
     with pytest.raises(ValueError, match="genus: judge.batch_species_per_genus=3"):
         train_judge(Judge(CFG.judge), data, tcfg, progress=False)
     with pytest.raises(ValueError, match="genus: 3 values for 30 records"):
