@@ -256,82 +256,6 @@ def run_grader_stage(stage: str, cfg: G2PConfig, *, data: str | Path, run_name: 
     return StageRun(result=result, model_dir=model_dir, log_path=log_path, seconds=seconds)
 
 
-# ----------------------------------------------------------------------------
-# what the driver measures
-# ----------------------------------------------------------------------------
-
-
-def judge_metrics(judge: Any, valid: str | Path, root: str | Path) -> dict[str, float]:
-    """Species-level retrieval, seen and unseen (see the module docstring)."""
-    from g2p.judge import species_retrieval
-
-    size = judge.cfg.image_size
-    # held-out val images, never test (test is the evaluate stage's alone); the seen species' keys are their
-    # training barcodes, the unseen species' their key_unseen reference barcodes
-    test, val = load_split(valid, root, "val", size), load_split(valid, root, "train", None)
-    out = {f"seen_{k}": v for k, v in species_retrieval(judge.embed_images(test.images), test.species,
-                                                       judge.embed_barcodes(val.barcode), val.species).items()}
-    tu, ku = load_split(valid, root, "val_unseen", size), load_split(valid, root, "key_unseen", None)
-    q, kemb = judge.embed_images(tu.images), judge.embed_barcodes(ku.barcode)
-    out.update({f"unseen_{k}": v for k, v in species_retrieval(q, tu.species, kemb, ku.species).items()})
-    # among all species, seen and unseen (evaluate's species accuracy decides among all of them too)
-    both, both_species = torch.cat([judge.embed_barcodes(val.barcode), kemb]), list(val.species) + list(ku.species)
-    out.update({f"unseen_all_{k}": v for k, v in species_retrieval(q, tu.species, both, both_species).items()})
-    out.update({f"seen_all_{k}": v for k, v in species_retrieval(
-        judge.embed_images(test.images), test.species, both, both_species).items()})
-    # true pairs vs shuffled pairs on real test images: the scale a CLIBDScore lives on
-    for prefix, arrays in (("seen", test), ("unseen", tu)):
-        img, dna = judge.embed_images(arrays.images), judge.embed_barcodes(arrays.barcode)
-        perm = np.random.default_rng(0).permutation(len(arrays))
-        out[f"{prefix}_score_true_pairs"] = float((img * dna).sum(-1).mean())
-        out[f"{prefix}_score_shuffled_pairs"] = float((img * dna[torch.as_tensor(perm)]).sum(-1).mean())
-    # robustness: the same real test images at half resolution (down, then up again: blurred),
-    # closer to what a sampler gives than the photos themselves
-    half = test.images.shape[-1] // 2
-    blurred = torch.nn.functional.interpolate(
-        torch.nn.functional.interpolate(test.images.float(), size=half, mode="bilinear", antialias=True),
-        size=test.images.shape[-1], mode="bilinear").round().clamp(0, 255).to(torch.uint8)
-    out.update({f"seen_half_res_{k}": v for k, v in species_retrieval(
-        judge.embed_images(blurred), test.species, judge.embed_barcodes(val.barcode), val.species).items()
-        if k in ("top1", "top5")})
-    out["temperature"] = judge.temperature
-    return out
-
-
-def trait_metrics(reader: Any, train_targets: dict[str, np.ndarray], valid: str | Path, root: str | Path,
-                  ground_truth: str | Path) -> dict[str, Any]:
-    """Per-trait error on held-out records (``val``) and unseen species (``val_unseen``), with a baseline."""
-    from g2p.trait_reader import CATEGORICAL, CIRCULAR, trait_errors
-
-    def constant(name: str, n: int) -> np.ndarray:
-        t = train_targets[name]
-        if name in CATEGORICAL:
-            vals, counts = np.unique(np.rint(t), return_counts=True)
-            return np.full(n, vals[counts.argmax()])
-        if name in CIRCULAR:
-            a = 2 * np.pi * t
-            return np.full(n, np.mod(np.arctan2(np.sin(a).mean(), np.cos(a).mean()) / (2 * np.pi), 1.0))
-        return np.full(n, t.mean())
-
-    out: dict[str, Any] = {}
-    for split in ("val", "val_unseen"):  # held out, never test
-        arrays = load_split(valid, root, split, reader.cfg.image_size)
-        truth = trait_targets(arrays.processid, ground_truth)
-        err = trait_errors(reader.predict(arrays.images), truth)
-        base = trait_errors({n: constant(n, len(arrays)) for n in reader.TARGETS}, truth)
-        rows = {}
-        for n in reader.TARGETS:
-            key = "error_rate" if n in CATEGORICAL else "mae"
-            rows[n] = {key: float(err[n].mean()), f"{key}_constant_baseline": float(base[n].mean())}
-        out[split] = {"num_records": len(arrays), "traits": rows}
-    return out
-
-
-# ----------------------------------------------------------------------------
-# the DVC stage
-# ----------------------------------------------------------------------------
-
-
 def _code_digest() -> str:
     import hashlib
 
@@ -355,7 +279,7 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
         storage_path: str | None = None) -> dict[str, Any]:
     """The DVC stage: train on Ray, copy the model to ``out``, measure it, write metrics/plots, log to MLflow."""
     from g2p.config import load_params, preset
-    from pipelines import tracking
+    from pipelines import grader_metrics, tracking  # grader_metrics imports this module: loaded here
     from pipelines.ray_train import load_ray_section
     from pipelines.stage import _metric, run_key, write_dvc_outputs
 
@@ -394,12 +318,12 @@ def run(stage: str, *, data: str, out: str, params: str, valid: str, root: str, 
         summary["ray_run"] = name
         model = build_grader(stage, cfg, dest).eval()
         if stage == "train_judge":
-            measured = judge_metrics(model, valid, root)
+            measured = grader_metrics.judge_metrics(model, valid, root)
             summary["retrieval"] = measured
             flat = {f"retrieval_{k}": v for k, v in measured.items()}
         else:
             train_targets = trait_targets(load_arrays_file(data).processid, ground_truth)
-            measured = trait_metrics(model, train_targets, valid, root, ground_truth)
+            measured = grader_metrics.trait_metrics(model, train_targets, valid, root, ground_truth)
             summary["held_out"] = measured
             flat = {f"{split}_{trait}_{k}": v for split, m in measured.items()
                     for trait, row in m["traits"].items() for k, v in row.items() if "baseline" not in k}
