@@ -55,6 +55,19 @@ class DataConfig:
     absolute latitude: size = base * (1 + coef * |lat|) (Bergmann's rule;
     0.008: +48% at 60 degrees). ``metadata_only`` writes the CSV and the
     ground truth but no images (the ``large`` preset: BIOSCAN-5M's 5.15 M rows).
+
+    Knobs that make the benchmark no easier than BIOSCAN (0 turns each off):
+    ``train_count_spread`` is the log-normal sigma of train records per
+    species (a long tail: at 0.8 a twentieth of the species have under a
+    quarter of the mean); ``dimorphism`` scales the difference between the
+    sexes (each record is female or male at even odds; males at 1: 12%
+    smaller bodies, 15% shorter abdomens, 35% longer antennae);
+    ``damage_fraction`` is the share of specimens with a lost leg or
+    antenna or a torn wing; ``melanism_coefficient`` is thermal melanism, a
+    genotype-by-environment effect that differs by clade: in a
+    ``melanic_family_fraction`` share of the families body lightness drops by
+    that fraction per degree of absolute latitude (0.006: -36% at 60
+    degrees), elsewhere it does not depend on the place.
     """
 
     seed: int = 0
@@ -62,14 +75,14 @@ class DataConfig:
     families_per_order: int = 3
     genera_per_family: int = 2
     species_per_genus: int = 3
-    unseen_species_per_genus: int = 1  # held-out species (key/val/test_unseen)
+    unseen_species_per_genus: int = 3  # held-out species (key/val/test_unseen)
     heldout_species_per_genus: int = 0  # placeholder-named species of other_heldout
     train_per_species: int = 40
     val_per_species: int = 4
     test_per_species: int = 6
-    key_unseen_per_species: int = 10
-    val_unseen_per_species: int = 4
-    test_unseen_per_species: int = 6
+    key_unseen_per_species: int = 8
+    val_unseen_per_species: int = 3
+    test_unseen_per_species: int = 4
     other_heldout_per_species: int = 0
     pretrain_records: int = 600  # unlabelled barcodes (and images), pretrain split
     barcode_length: int = 658
@@ -83,8 +96,26 @@ class DataConfig:
     trait_contrast: float = 1.0
     nuisance: float = 1.0
     bergmann_coefficient: float = 0.008
+    train_count_spread: float = 0.8  # log-normal sigma of train records per species
+    dimorphism: float = 1.0  # sex differences (0: none)
+    damage_fraction: float = 0.1  # specimens missing a leg or an antenna, or with a torn wing
+    melanism_coefficient: float = 0.006  # body-lightness loss per degree |lat| in melanic families
+    melanic_family_fraction: float = 0.5  # families whose colour follows the climate
     image_size: int = 256
     metadata_only: bool = False  # scale presets: write the CSV, no images
+
+    def __post_init__(self) -> None:
+        for name in ("train_count_spread", "dimorphism", "melanism_coefficient"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 10:
+                raise ConfigError(f"data.{name}: {v!r} is not a number >= 0")
+        for name in ("damage_fraction", "melanic_family_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"data.{name}: {v!r} is not a share between 0 and 1")
+        if self.melanism_coefficient * 90 >= 1:
+            raise ConfigError(f"data.melanism_coefficient: {self.melanism_coefficient!r} would make bodies "
+                              "black or negative by 90 degrees of latitude (need < 1/90)")
 
 
 @dataclass(frozen=True)

@@ -68,18 +68,29 @@ def test_images_have_the_benchmark_shape_and_dtype() -> None:
 
 
 def test_targets_are_the_trait_vector_that_was_drawn() -> None:
-    """Recomputed from the world's own seed stream: decode(species_traits) of the picked species."""
+    """Recomputed from the world's own seed stream: decode(species_traits) of the picked species,
+    with each record's sex and thermal melanism applied (the traits that drew the image)."""
     got = world_records(DATA, seed=5, world=1)
     seq = np.random.SeedSequence(5, spawn_key=(PRIOR_SPAWN_KEY, 1))
-    r_names, r_traits, r_pick, *_ = (np.random.default_rng(s) for s in seq.spawn(6))
+    r_names, r_traits, r_pick, _, _, _, r_indiv, r_clade = (np.random.default_rng(s) for s in seq.spawn(8))
     tax = genome.build_taxonomy(DATA, r_names)
     decoded = traits.decode(traits.species_traits(tax, DATA, r_traits))
     species = r_pick.integers(0, tax.n_species, WORLD_RECORDS)
+    ind = traits.individuals(WORLD_RECORDS, DATA, r_indiv)
+    melanic = traits.melanic_families(len(tax.family_names), DATA, r_clade)[tax.species_family[species]]
+    mel = traits.melanism_multiplier(got["lat"], melanic, DATA)
+    male = ind["sex"] == 1
+    assert 0 < male.sum() < WORLD_RECORDS and (mel < 1).any() and (mel == 1).any()
+    want = {k: v[species].astype(np.float64) for k, v in decoded.items()}
+    for name, rel in traits.MALE.items():
+        want[name] = np.where(male, want[name] * (1 + rel * DATA.dimorphism), want[name])
+    want["body_light"] = want["body_light"] * mel
     tg = targets_from_parameters(got)
     for name in traits.TRAIT_NAMES:
-        np.testing.assert_allclose(got[name], decoded[name][species], err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], err_msg=name)
         if name != "size_base":
-            np.testing.assert_allclose(tg[name], decoded[name][species], rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(tg[name], want[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(got["damage"], ind["damage"])
     np.testing.assert_allclose(got["size_mult"], traits.size_multiplier(got["lat"], DATA))
     np.testing.assert_allclose(tg["body_size"], got["size_base"] * got["size_mult"], rtol=1e-6)
 

@@ -180,6 +180,58 @@ def test_bergmann_size_and_truth_columns(meta: pd.DataFrame, truth: pd.DataFrame
     assert (truth.groupby("species_id")["trait_body_hue"].nunique() == 1).all()
 
 
+def test_individuals_melanism_and_long_tail() -> None:
+    """The harder-than-before knobs (DataConfig): sexes, damage, thermal melanism by clade, a long tail;
+    each off at 0, and the truth columns carry what drew each record."""
+    from g2p.data.records import S, make_world_and_records, record_traits
+
+    cfg = preset("default").data
+    world, rec = make_world_and_records(cfg)
+    tr = record_traits(world, rec, slice(None))
+    sp, male = rec["species"], rec["sex"] == 1
+    dec = {k: v[sp] for k, v in world.decoded.items()}
+    assert 0.45 < male.mean() < 0.55
+    np.testing.assert_allclose(tr["size_base"][male], dec["size_base"][male] * 0.88)
+    np.testing.assert_allclose(tr["antenna_length"][male], dec["antenna_length"][male] * 1.35)
+    np.testing.assert_array_equal(tr["size_base"][~male], dec["size_base"][~male])
+    assert abs((rec["damage"] > 0).mean() - cfg.damage_fraction) < 0.02
+    assert set(np.unique(rec["damage"])) == {0, 1, 2, 3}
+    # melanism: exactly half the families, darker with |lat| there and nowhere else
+    assert world.melanic.sum() == len(world.melanic) // 2
+    melanic = world.melanic[world.tax.species_family[sp]]
+    lat = np.abs(rec["lat"])
+    np.testing.assert_allclose(rec["melanism"][melanic], 1 - cfg.melanism_coefficient * lat[melanic])
+    assert (rec["melanism"][~melanic] == 1).all()
+    np.testing.assert_allclose(tr["body_light"], dec["body_light"] * rec["melanism"])
+    # several unseen species per genus, and a long tail of train records per species
+    unseen = np.unique(sp[rec["split"] == S["test_unseen"]])
+    assert np.bincount(world.tax.species_genus[unseen]).max() == cfg.unseen_species_per_genus == 3
+    n_train = np.bincount(sp[rec["split"] == S["train"]])
+    n_train = n_train[n_train > 0]
+    assert n_train.max() > 4 * np.median(n_train) and n_train.min() < np.median(n_train) / 4
+    # all off: the species' traits draw every record, as before the knobs
+    off = dataclasses.replace(cfg, dimorphism=0.0, damage_fraction=0.0, melanism_coefficient=0.0)
+    world0, rec0 = make_world_and_records(off)
+    tr0 = record_traits(world0, rec0, slice(None))
+    for k, v in world0.decoded.items():
+        np.testing.assert_array_equal(tr0[k], v[rec0["species"]], err_msg=k)
+    assert (rec0["damage"] == 0).all()
+    with pytest.raises(Exception, match="data.damage_fraction: 1.5"):
+        dataclasses.replace(cfg, damage_fraction=1.5)
+
+
+def test_damage_changes_the_drawing_only_where_it_says() -> None:
+    from g2p.data.records import drawing_parameters, make_world_and_records
+
+    world, rec = make_world_and_records(preset("default").data)
+    p = next(q for q in drawing_parameters(world, rec, slice(0, 200)) if q["wing_type"] in (1, 2) and q["damage"] == 0)
+    intact = np.asarray(draw_specimen(p, 128), dtype=np.float32)
+    for code in (1, 2, 3):
+        hurt = np.asarray(draw_specimen({**p, "damage": code, "damage_part": 1}, 128), dtype=np.float32)
+        diff = np.abs(hurt - intact).max(axis=2) > 20
+        assert 3 < diff.sum() < 0.1 * diff.size, code  # a part is gone, the specimen is not
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -229,7 +281,7 @@ def test_images_are_light_specimens(tiny_root: Path, meta: pd.DataFrame) -> None
 
 def _params(truth_row: pd.Series) -> dict[str, float]:
     p = {name: float(truth_row[f"trait_{name}"]) for name in traits.TRAIT_NAMES}
-    p.update({k: float(truth_row[k]) for k in traits.NUISANCE_NAMES})
+    p.update({k: float(truth_row[k]) for k in (*traits.NUISANCE_NAMES, "damage", "damage_part")})
     p["size_mult"] = float(truth_row["size_multiplier"])
     return p
 

@@ -51,18 +51,24 @@ def world_records(cfg: DataConfig, seed: int, world: int) -> dict[str, np.ndarra
     """The drawing parameters of the ``WORLD_RECORDS`` records of fresh world ``world``.
 
     Keys: every :data:`g2p.data.traits.TRAIT_NAMES` (decoded, as ``draw_specimen``
-    reads them), ``size_mult``, every :data:`g2p.data.traits.NUISANCE_NAMES`, and
+    reads them, with each record's sex and thermal melanism applied), ``size_mult``, ``damage`` and
+    ``damage_part``, every :data:`g2p.data.traits.NUISANCE_NAMES`, and
     ``lat`` (degrees); each (WORLD_RECORDS,) float64.
     """
     if world < 0:
         raise ValueError(f"world: must be >= 0, got {world}")
     seq = np.random.SeedSequence(seed, spawn_key=(PRIOR_SPAWN_KEY, world))
-    r_names, r_traits, r_pick, r_place, r_range, r_nuis = (np.random.default_rng(s) for s in seq.spawn(6))
+    r_names, r_traits, r_pick, r_place, r_range, r_nuis, r_indiv, r_clade = (np.random.default_rng(s)
+                                                                            for s in seq.spawn(8))
     tax = genome.build_taxonomy(cfg, r_names)
     decoded = traits.decode(traits.species_traits(tax, cfg, r_traits))
     species = r_pick.integers(0, tax.n_species, WORLD_RECORDS)
     lat, _ = places(tax, species, r_place, r_range)
-    out = {k: np.asarray(v[species], dtype=np.float64) for k, v in decoded.items()}
+    ind = traits.individuals(WORLD_RECORDS, cfg, r_indiv)
+    melanic = traits.melanic_families(len(tax.family_names), cfg, r_clade)[tax.species_family[species]]
+    out = traits.record_traits({k: np.asarray(v[species], dtype=np.float64) for k, v in decoded.items()},
+                               ind["sex"], traits.melanism_multiplier(lat, melanic, cfg), cfg)
+    out.update({k: np.asarray(ind[k], dtype=np.float64) for k in ("damage", "damage_part")})
     out["size_mult"] = np.asarray(traits.size_multiplier(lat, cfg), dtype=np.float64)
     out.update({k: np.asarray(v, dtype=np.float64) for k, v in traits.nuisance(WORLD_RECORDS, cfg, r_nuis).items()})
     out["lat"] = np.asarray(lat, dtype=np.float64)

@@ -47,11 +47,12 @@ class World:
     haplotypes: np.ndarray  # (H, L) uint8 templates
     z: np.ndarray  # (S, n_traits) latent traits
     decoded: dict[str, np.ndarray]  # drawing parameters per species
+    melanic: np.ndarray  # (n_families,) bool: thermal melanism (traits.melanic_families)
 
 
 def _pools(tax: genome.Taxonomy, cfg: DataConfig, rng: np.random.Generator):
     seen = np.flatnonzero(tax.species_kind == genome.KIND_SEEN)
-    w = np.exp(rng.normal(0.0, 0.45, seen.size))  # a long tail of train counts, mean kept
+    w = np.exp(rng.normal(0.0, cfg.train_count_spread, seen.size))  # a long tail of train counts, mean kept
     n_train = np.maximum(1, np.rint(cfg.train_per_species * w / w.mean())).astype(np.int64)
     unseen = np.flatnonzero(tax.species_kind == genome.KIND_UNSEEN)
     held = np.flatnonzero(tax.species_kind == genome.KIND_HELDOUT)
@@ -110,15 +111,15 @@ def places(tax: genome.Taxonomy, species: np.ndarray, rng: np.random.Generator,
 
 def make_world_and_records(cfg: DataConfig) -> tuple[World, dict[str, np.ndarray]]:
     """The world and every record's plan; each part draws from its own ``SeedSequence`` child."""
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(8)]
-    r_names, r_genome, r_traits, r_plan, r_place, r_range, r_nuis, r_ids = rngs
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(10)]
+    r_names, r_genome, r_traits, r_plan, r_place, r_range, r_nuis, r_ids, r_indiv, r_clade = rngs
     tax = genome.build_taxonomy(cfg, r_names)
     geom = genome.read_geometry(cfg)
     sp_seq = genome.species_sequences(tax, cfg, geom, r_genome)
     z = traits.species_traits(tax, cfg, r_traits)
     rec = _assign(tax, cfg, r_plan)
     world = World(cfg, tax, geom, genome.haplotypes(sp_seq, rec.pop("owner"), cfg, geom, r_genome), z,
-                  traits.decode(z))
+                  traits.decode(z), traits.melanic_families(len(tax.family_names), cfg, r_clade))
     n = rec["species"].size
     rec["lat"], rec["lon"] = places(tax, rec["species"], r_place, r_range)
     rec["site"] = names.nearest_site(rec["lat"], rec["lon"])
@@ -126,6 +127,8 @@ def make_world_and_records(cfg: DataConfig) -> tuple[World, dict[str, np.ndarray
     rec["has_n"] = r_genome.random(n) < cfg.n_fraction_records
     rec["size_multiplier"] = traits.size_multiplier(rec["lat"], cfg)
     rec.update(traits.nuisance(n, cfg, r_nuis))
+    rec.update(traits.individuals(n, cfg, r_indiv))
+    rec["melanism"] = traits.melanism_multiplier(rec["lat"], world.melanic[tax.species_family[rec["species"]]], cfg)
     # label depth: 4 species, 3 genus, 2 family, 1 order (pretrain hides the lower ranks)
     u = r_ids.random(n)
     rec["depth"] = np.where(rec["split"] != S["pretrain"], 4, np.where(u < 0.30, 3, np.where(u < 0.85, 2, 1)))
@@ -189,7 +192,7 @@ def metadata_columns(world: World, rec: dict[str, np.ndarray], sl: slice) -> dic
     site = rec["site"][sl]
     provinces = [s[1] for s in names.SITES]
     subfamily = [tax.subfamily_names[i // cfg.genera_per_family] for i in range(len(tax.genus_names))]
-    p = {k: v[sp] for k, v in world.decoded.items()}
+    p = record_traits(world, rec, sl)
     p["size_mult"] = rec["size_multiplier"][sl]
     # pixels the specimen would cover at the original resolution
     area = np.rint(body_area_fraction(p) * 65_536 * rec["scale_factor"][sl] ** 2).astype(np.int64)
@@ -217,6 +220,8 @@ def truth_columns(world: World, rec: dict[str, np.ndarray], sl: slice, meta: dic
     tax, z = world.tax, world.z
     sp = rec["species"][sl]
     f32 = {k: pa.array(rec[k][sl].astype(np.float32)) for k in ("size_multiplier", *traits.NUISANCE_NAMES)}
+    f32["melanism_multiplier"] = pa.array(rec["melanism"][sl].astype(np.float32))
+    f32.update({k: pa.array(rec[k][sl]) for k in traits.INDIVIDUAL_NAMES})
     return {
         "processid": meta["processid"], "split": meta["split"], "species_id": pa.array(sp),
         "species_kind": pa.array(tax.species_kind[sp]), "order_id": pa.array(tax.species_order[sp]),
@@ -224,7 +229,7 @@ def truth_columns(world: World, rec: dict[str, np.ndarray], sl: slice, meta: dic
         "haplotype_id": pa.array(rec["haplotype"][sl]), "read_start": pa.array(rec["read_start"][sl]),
         "read_length": pa.array(rec["read_length"][sl]), "has_n": pa.array(rec["has_n"][sl]),
         "lat": pa.array(rec["lat"][sl]), "lon": pa.array(rec["lon"][sl]), **f32,
-        **{f"trait_{k}": pa.array(v[sp].astype(np.float32)) for k, v in world.decoded.items()},
+        **{f"trait_{k}": pa.array(v.astype(np.float32)) for k, v in record_traits(world, rec, sl).items()},
         "trait_vector": pa.FixedSizeListArray.from_arrays(pa.array(z[sp].reshape(-1)), z.shape[1]),
         "has_image": pa.array(np.full(sp.size, has_image)),
     }
@@ -232,10 +237,16 @@ def truth_columns(world: World, rec: dict[str, np.ndarray], sl: slice, meta: dic
 
 def drawing_parameters(world: World, rec: dict[str, np.ndarray], sl: slice) -> list[dict[str, float]]:
     """Per record of ``sl``: everything :func:`g2p.data.render.draw_specimen` needs."""
-    sp = rec["species"][sl]
-    cols = {k: v[sp] for k, v in world.decoded.items()}
+    cols = record_traits(world, rec, sl)
     cols["size_mult"] = rec["size_multiplier"][sl]
-    cols.update({k: rec[k][sl] for k in traits.NUISANCE_NAMES})
+    cols.update({k: rec[k][sl] for k in (*traits.NUISANCE_NAMES, "damage", "damage_part")})
     keys = list(cols)
     values = [np.asarray(cols[k], dtype=np.float64).tolist() for k in keys]
     return [dict(zip(keys, row)) for row in zip(*values)]
+
+
+def record_traits(world: World, rec: dict[str, np.ndarray], sl: slice) -> dict[str, np.ndarray]:
+    """The decoded traits that draw records ``sl``: their species' with sex and melanism applied."""
+    sp = rec["species"][sl]
+    return traits.record_traits({k: v[sp] for k, v in world.decoded.items()}, rec["sex"][sl],
+                                rec["melanism"][sl], world.cfg)

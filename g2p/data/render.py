@@ -149,8 +149,10 @@ def _wings(cv: _Canvas, p: Mapping[str, float], g: Mapping[str, float], pattern_
         pairs = [(0.95 * length, 1.5 * width + 0.08, ang + math.radians(8)),
                  (0.7 * length, 1.3 * width + 0.08, ang + math.radians(38))]
     base_y = g["y_thorax"] - 0.15 * g["t"]
-    for k, (wl, ww, a) in enumerate(reversed(pairs)):  # hindwings first, under the forewings
-        for sx in (-1.0, 1.0):
+    torn = _lost(p, "wing")
+    for k, (wl0, ww, a) in enumerate(reversed(pairs)):  # hindwings first, under the forewings
+        for side, sx in enumerate((-1.0, 1.0)):
+            wl = wl0 * (0.55 if side == torn and k == len(pairs) - 1 else 1.0)  # a torn forewing
             d = (sx * math.sin(a), math.cos(a))  # backwards, turned outwards by a
             bx, by = sx * 0.3 * g["thorax_rx"], base_y
             cx, cy = bx + d[0] * wl / 2, by + d[1] * wl / 2
@@ -172,13 +174,25 @@ def _wings(cv: _Canvas, p: Mapping[str, float], g: Mapping[str, float], pattern_
                     cv.line(np.array([[bx, by], tip]), _rgb(tint, 0.6, 0.3, 0.7), 0.006)
 
 
+def _lost(p: Mapping[str, float], part: str) -> int:
+    """Which leg (0-5) or side (0-1) of ``part`` the specimen lost; -1 if none (see traits.DAMAGE)."""
+    code = {"leg": 1, "antenna": 2, "wing": 3}[part]
+    if int(p.get("damage", 0)) != code:
+        return -1
+    k = int(p.get("damage_part", 0))
+    return k if part == "leg" else k % 2
+
+
 def _legs(cv: _Canvas, p: Mapping[str, float], g: Mapping[str, float], colour: tuple[int, ...]) -> None:
     ll = p["leg_length"]
     width = 0.028
+    lost = _lost(p, "leg")
     # (attachment offset along the thorax, femur angle, tibia angle), radians from +x, y down
     pairs = ((-0.3, -0.55, -1.2), (0.0, 0.1, 0.45), (0.3, 0.6, 1.15))
-    for dy, a1, a2 in pairs:
-        for sx in (-1.0, 1.0):
+    for j, (dy, a1, a2) in enumerate(pairs):
+        for side, sx in enumerate((-1.0, 1.0)):
+            if 2 * j + side == lost:
+                continue
             x0, y0 = sx * 0.7 * g["thorax_rx"], g["y_thorax"] + dy * g["t"]
             x1, y1 = x0 + sx * math.cos(a1) * 0.45 * ll, y0 + math.sin(a1) * 0.45 * ll
             x2, y2 = x1 + sx * math.cos(a2) * 0.55 * ll, y1 + math.sin(a2) * 0.55 * ll
@@ -188,7 +202,10 @@ def _legs(cv: _Canvas, p: Mapping[str, float], g: Mapping[str, float], colour: t
 def _antennae(cv: _Canvas, p: Mapping[str, float], g: Mapping[str, float], colour: tuple[int, ...]) -> None:
     al = p["antenna_length"]
     y0 = g["y_head"] - 0.7 * g["head_ry"]
-    for sx in (-1.0, 1.0):
+    lost = _lost(p, "antenna")
+    for side, sx in enumerate((-1.0, 1.0)):
+        if side == lost:
+            continue
         x0 = sx * 0.3 * g["head_rx"]
         x1, y1 = x0 + sx * 0.25 * al, y0 - 0.45 * al
         x2, y2 = x1 + sx * 0.3 * al, y1 - 0.45 * al

@@ -38,7 +38,14 @@ Ground-truth columns (one row per record, same order as the CSV):
 ``offset_x/_y``        centre offset, fraction of the image side
 ``light_gain``         brightness factor; ``light_warmth`` red-vs-blue shift;
                        ``bg_tone`` background shade offset
-``trait_<name>``       the decoded species traits that drew the image (names in
+``sex``                0 female, 1 male (``dimorphism``)
+``damage``             0 intact, 1 a leg lost, 2 an antenna lost, 3 a torn
+                       forewing (``traits.DAMAGE``); ``damage_part`` which
+                       leg (0-5) or side (``% 2``)
+``melanism_multiplier`` body-lightness factor from thermal melanism (1 outside
+                       the melanic families)
+``trait_<name>``       the decoded traits that drew the image: the species',
+                       with the record's sex and melanism applied (names in
                        :data:`g2p.data.traits.TRAIT_NAMES`; hues in turns,
                        sizes in body lengths, counts, ``wing_type`` index into
                        ``traits.WING_TYPES``)

@@ -23,6 +23,16 @@ Environment: a record's body size is ``size_base * (1 + bergmann_coefficient *
 |lat|)`` (Bergmann's rule: larger bodies at higher latitudes; the default 0.008
 per degree makes a specimen at 60 degrees 48% longer than one at the equator).
 
+Individuals (:func:`individuals`, :func:`record_traits`): each record is
+female or male at even odds; males (scaled by ``DataConfig.dimorphism``) have
+12% smaller bodies, 15% shorter abdomens and 35% longer antennae. A
+``damage_fraction`` share of specimens lost a leg or an antenna or has a torn
+wing (drawing only; the traits are the species'). Thermal melanism, a
+genotype-by-environment effect that differs by clade: the families drawn as
+melanic (``melanic_family_fraction``) have body lightness ``1 -
+melanism_coefficient * |lat|`` times their species' value; the others'
+colour does not depend on the place.
+
 Nuisance per image, all scaled by ``DataConfig.nuisance`` (0 = none): rotation
 ``pose_deg`` ~ U(-15, 15) degrees (pose costs a small UNet the most, so the
 default keeps it modest; 2 gives the prototype's +-30), centre offset
@@ -78,6 +88,9 @@ WING_TYPES = ("none", "membrane_1", "membrane_2", "elytra", "scaled")
 _ORDER_WINGS = {"Diptera": 1, "Hymenoptera": 2, "Coleoptera": 3, "Lepidoptera": 4, "Hemiptera": 2,
                 "Trichoptera": 4, "Psocodea": 2, "Thysanoptera": 1, "Orthoptera": 3}
 NUISANCE_NAMES = ("pose_deg", "offset_x", "offset_y", "light_gain", "light_warmth", "bg_tone")
+INDIVIDUAL_NAMES = ("sex", "damage", "damage_part")  # per record: 0 female / 1 male; see DAMAGE
+DAMAGE = ("none", "leg", "antenna", "wing")  # ``damage`` indexes this; ``damage_part`` picks leg 0-5 or side 0-1
+MALE = {"size_base": -0.12, "abdomen_length": -0.15, "antenna_length": 0.35}  # relative change at dimorphism 1
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -173,3 +186,39 @@ def nuisance(n: int, cfg: DataConfig, rng: np.random.Generator) -> dict[str, np.
         "light_warmth": rng.normal(0.0, 0.02, n) * v,
         "bg_tone": rng.normal(0.0, 0.015, n) * v,
     }
+
+
+def melanic_families(n_families: int, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """(n_families,) bool: the families whose body colour darkens with latitude (thermal melanism)."""
+    k = int(round(cfg.melanic_family_fraction * n_families))  # exactly that share, families at random
+    out = np.zeros(n_families, dtype=bool)
+    out[rng.permutation(n_families)[:k]] = True
+    return out
+
+
+def melanism_multiplier(lat: np.ndarray, melanic: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Body-lightness factor per record: ``1 - melanism_coefficient * |lat|`` where melanic, else 1."""
+    loss = cfg.melanism_coefficient * np.nan_to_num(np.abs(lat), nan=0.0)
+    return np.where(melanic, 1.0 - loss, 1.0)
+
+
+def individuals(n: int, cfg: DataConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per record: ``sex`` (0 female, 1 male), ``damage`` (index into :data:`DAMAGE`), ``damage_part``."""
+    sex = (rng.random(n) < 0.5).astype(np.int8)
+    damaged = rng.random(n) < cfg.damage_fraction
+    damage = np.where(damaged, rng.integers(1, len(DAMAGE), n), 0).astype(np.int8)
+    part = rng.integers(0, 6, n).astype(np.int8)  # leg 0-5; antenna and wing use part % 2 (the side)
+    return {"sex": sex, "damage": damage, "damage_part": part}
+
+
+def record_traits(species_decoded: dict[str, np.ndarray], sex: np.ndarray, melanism: np.ndarray,
+                  cfg: DataConfig) -> dict[str, np.ndarray]:
+    """The traits that draw each record: its species' decoded traits (one row per record) with the
+    record's sex (:data:`MALE`, scaled by ``dimorphism``) and thermal melanism (``melanism``, a
+    factor on body lightness) applied. Returns new arrays; the input is not changed."""
+    out = dict(species_decoded)
+    male = np.asarray(sex, dtype=np.float64) * cfg.dimorphism
+    for name, rel in MALE.items():
+        out[name] = np.asarray(species_decoded[name], dtype=np.float64) * (1.0 + rel * male)
+    out["body_light"] = np.asarray(species_decoded["body_light"], dtype=np.float64) * melanism
+    return out
