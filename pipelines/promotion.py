@@ -325,3 +325,18 @@ def decide(model_name: str, challenger: str, chal: Mapping[str, float], champion
         return Decision("kept", False, f"{section.rule} failed on {', '.join(failed)}{note}", checks=checks, **common)
     return Decision("promoted", True, f"{section.rule} passed on every measured metric{note}" if note else
                     f"{section.rule} passed on every metric", checks=checks, **common)
+
+
+def notify_serving(d: Decision, address: str | None = None, app: str = "g2p") -> str | None:
+    """After a decision that moved ``champion``: pin the new version in the ``user_config`` of the Serve
+    application ``app`` on the cluster whose dashboard is ``address`` (default ``G2P_SERVE_ADDRESS``), so
+    every replica reconfigures to it in place (``serving.serve_config.push_promotion``). None: nothing
+    to notify (no address, a dry run, or the champion did not move); otherwise what was done, in words."""
+    import os
+
+    address = address or os.environ.get("G2P_SERVE_ADDRESS")
+    if not address or d.dry_run or not d.promote:
+        return None
+    from serving.serve_config import push_promotion
+
+    return push_promotion(address, d.model_name, d.version, app)

@@ -1,4 +1,4 @@
-"""The ``serve`` section of ``params.yaml``: bounds, batching, replicas, reload.
+"""The ``serve`` section of ``params.yaml``: bounds, batching, replicas, the Serve config's runtime env.
 
 Validated here (not by the model config): unknown keys and wrong types name
 ``serve.<key>``; ``g2p config dump`` prints the defaults.
@@ -21,9 +21,15 @@ class ServeSection:
     0 takes the checkpoint's ``sampling.steps``. ``max_batch_size`` and
     ``batch_wait_timeout_s`` feed ``@serve.batch`` (1 = unbatched).
     ``autoscaling`` replaces ``num_replicas`` by ``min_replicas``..``max_replicas``
-    scaled on ``target_ongoing_requests``. ``reload_interval_s``: how often a
-    replica polls the registry alias (or the model folder) for a new version
-    (0 = never). ``request_timeout_s``: the longest a request may run (504 after).
+    scaled on ``target_ongoing_requests``. ``request_timeout_s``: the longest a
+    request may run (504 after). ``working_dir`` and ``pip`` are the runtime env
+    of the Serve config ``g2p serve config`` writes (``serving/serve_config.py``):
+    a URI of the code (e.g. a repository archive at a commit, ``https://.../<sha>.zip``)
+    and pip pins to install on the cluster; empty = the cluster's image has both.
+
+    ``reload_interval_s`` is no longer read: new model versions reach the
+    replicas through Serve's ``user_config`` (a promotion redeploys it), not
+    by polling. The key stays valid so existing ``params.yaml`` files load.
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +51,8 @@ class ServeSection:
     request_timeout_s: float = 120.0
     reload_interval_s: float = 30.0
     max_vary_rates: int = 6
+    working_dir: str = ""
+    pip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = (
@@ -58,10 +66,18 @@ class ServeSection:
             ("num_cpus", self.num_cpus >= 0), ("num_gpus", self.num_gpus >= 0),
             ("request_timeout_s", self.request_timeout_s > 0), ("reload_interval_s", self.reload_interval_s >= 0),
             ("max_vary_rates", self.max_vary_rates >= 1), ("model_uri", bool(self.model_uri)),
+            ("pip", all(isinstance(r, str) and r.strip() for r in self.pip)),
         )
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"serve.{key}: invalid value {getattr(self, key)!r}")
+
+
+def section_dict(section: ServeSection) -> dict[str, Any]:
+    """The section as plain YAML values (lists for tuples): what ``serve_section`` reads back."""
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 
 def serve_section(raw: dict[str, Any] | None) -> ServeSection:

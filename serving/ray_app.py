@@ -2,18 +2,28 @@
 
     g2p serve [--host 127.0.0.1] [--port 8000]             # models:/g2pdiffusion@champion
     g2p serve --model-dir models/g2pdiffusion --judge-dir models/judge
+    serve run serving.ray_app:app model_uri=models:/g2pdiffusion@champion   # Ray's own CLI
+    g2p serve config > serve.yaml && serve deploy serve.yaml                # a running cluster
 
 Routes (OpenAPI at ``/docs``): ``POST /v1/phenotypes``, ``POST /v1/vary``,
 ``GET /v1/model``, ``GET /v1/records`` (+ ``/v1/records/{processid}/image``),
 ``GET /healthz``, and the page at ``/``.
 
+:func:`app` is the application builder (its typed arguments are
+``serving.serve_config.AppArgs``); ``application`` is the same app with the
+defaults, for ``serve build serving.ray_app:application``.
+
 ``PhenotypeModel`` batches concurrent requests with ``@serve.batch`` (sizes from
 the ``serve`` section) and answers a whole batch with one
-``PhenotypeService.predict_batch`` call. A daemon thread polls the source
-(registry alias or model folder) every ``serve.reload_interval_s``; a new
-version is loaded beside the old one and swapped in with one reference
-assignment: a batch already running keeps the service it started with, so no
-request is dropped.
+``PhenotypeService.predict_batch`` call. Which model it serves is its
+``user_config`` (``serving.serve_config.ModelConfig``: a registry URI, pinned to
+a version by a promotion, or a folder): Serve calls :meth:`PhenotypeModel.reconfigure`
+when a replica starts and, in place, whenever the config's ``user_config``
+changes (``serving.serve_config.push_model``). The new version is loaded beside
+the old one and swapped in with one reference assignment: a batch already
+running keeps the service it started with, and requests that arrive meanwhile
+wait in Serve's queue, so no request is dropped. ``check_health`` fails when no
+model is loaded or the last batches all failed, and Serve replaces the replica.
 
 The ingress's FastAPI app is built on its replica from the ``serve`` section
 (:func:`make_api`, Ray Serve's ``__serve_build_asgi_app__``): the request bodies
@@ -26,7 +36,6 @@ Every route documents each status it returns (200, 404, 422, 500, 503, 504).
 
 import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,10 +44,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve import Application
 
 from serving.config import ServeSection
 from serving.core import ModelSource, PhenotypeService
 from serving.records import Records
+from serving.serve_config import HEALTH, INGRESS_OPTIONS, AppArgs, ModelConfig, model_options
 from serving.schema import (
     ErrorBody, ModelInfo, PhenotypeResponse, TimeoutBody, ValidationErrorBody, VaryResponse, error_body,
     request_models,
@@ -55,72 +66,96 @@ STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.c
 # ----------------------------------------------------------------------------
 
 
-@serve.deployment(max_ongoing_requests=64)
+MAX_FAILED_BATCHES = 3  # consecutive failed batches after which check_health fails (Serve replaces the replica)
+
+
+@serve.deployment(max_ongoing_requests=64, **HEALTH)
 class PhenotypeModel:
-    def __init__(self, source: ModelSource, section: ServeSection) -> None:
-        self.source, self.section = source, section
+    def __init__(self, section: ServeSection) -> None:
+        self.section = section
         self.models = request_models(section)
-        self.service: PhenotypeService = source.load(section)
-        self.version = self.service.model_version  # what was loaded (an alias may move meanwhile)
+        self.service: PhenotypeService | None = None  # loaded by reconfigure (the user_config)
+        self.config: ModelConfig | None = None
         self.reloads = 0
         self.reload_error: str | None = None
+        self.failed_batches = 0
+        self.last_error: str | None = None
         self.predict_batch.set_max_batch_size(section.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(section.batch_wait_timeout_s)
-        self._stop = threading.Event()
-        if section.reload_interval_s > 0:
-            threading.Thread(target=self._poll, name="g2p-reload", daemon=True).start()
 
-    # -- reload ------------------------------------------------------------------
-    def _poll(self) -> None:
-        while not self._stop.wait(self.section.reload_interval_s):
-            self.check_reload()
-
-    def check_reload(self) -> bool:
-        """Load and swap in the source's current version if it changed; True if swapped."""
+    # -- the model: user_config ----------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this when the replica starts and whenever ``user_config`` changes: load the model
+        it names unless that version is already served. At start a failure fails the replica (the error
+        is in ``serve status``); later the old version keeps serving and ``/v1/model`` shows the error."""
         try:
-            now = self.source.current_version()
-            if now == self.version:
-                return False
-            fresh = self.source.load(self.section)  # the old service keeps serving meanwhile
-            self.service, self.version = fresh, fresh.model_version  # in-flight batches keep theirs
-            self.reloads += 1
-            self.reload_error = None
-            log.warning("g2p serve: now serving model version %s", now)
-            return True
-        except Exception as e:  # keep serving the old version
-            self.reload_error = f"{type(e).__name__}: {e}"
-            log.warning("g2p serve: reload failed, keeping version %s: %s", self.version, self.reload_error)
-            return False
+            config = ModelConfig.model_validate(user_config)
+            fresh = await asyncio.to_thread(self._load, config.source())  # the loop keeps answering meanwhile
+        except Exception as e:
+            if self.service is None:
+                raise
+            self.reload_error = f"user_config {user_config}: {type(e).__name__}: {e}"
+            log.warning("g2p serve: reload failed, keeping version %s: %s", self.service.model_version,
+                        self.reload_error)
+            return
+        if fresh is not None:
+            if self.service is not None:
+                self.reloads += 1
+            self.service = fresh  # one assignment: a batch already running keeps the service it took
+            log.warning("g2p serve: now serving model version %s", fresh.model_version)
+        self.config, self.reload_error = config, None
+
+    def _load(self, source: ModelSource) -> PhenotypeService | None:
+        """The source's model, or None if its version is the one served (a cheap registry lookup or stat)."""
+        if self.service is not None and source.current_version() == self.service.model_version:
+            return None
+        return source.load(self.section)
+
+    def check_health(self) -> None:
+        if self.service is None:
+            raise RuntimeError("no model loaded: the deployment has no user_config naming one")
+        if self.failed_batches >= MAX_FAILED_BATCHES:
+            raise RuntimeError(f"the last {self.failed_batches} batches failed; last error: {self.last_error}")
+
+    def _serving(self) -> PhenotypeService:
+        if self.service is None:
+            raise RuntimeError("no model loaded: the deployment has no user_config naming one")
+        return self.service
 
     # -- requests ------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def predict_batch(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        service = self.service  # snapshot: this batch finishes on the version it started with
+        service = self._serving()  # snapshot: this batch finishes on the version it started with
         reqs = [self.models.phenotype.model_validate(p) for p in payloads]  # validated by the ingress already
 
         def run() -> list[dict[str, Any]]:
             return [r.model_dump() for r in service.predict_batch(reqs)]
 
-        return await asyncio.to_thread(run)
+        try:
+            out = await asyncio.to_thread(run)
+        except Exception as e:
+            self.failed_batches += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise
+        self.failed_batches = 0
+        return out
 
     async def predict(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.predict_batch(payload)
 
     async def vary(self, payload: dict[str, Any]) -> dict[str, Any]:
-        service = self.service
+        service = self._serving()
         req = self.models.vary.model_validate(payload)
         return (await asyncio.to_thread(service.vary, req)).model_dump()
 
     def info(self) -> dict[str, Any]:
-        d = self.service.model_info().model_dump()
-        d["extra"] = {**d["extra"], "reloads": self.reloads, "reload_error": self.reload_error}
+        d = self._serving().model_info().model_dump()
+        d["extra"] = {**d["extra"], "reloads": self.reloads, "reload_error": self.reload_error,
+                      "user_config": self.config.dump() if self.config else None}
         return d
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model_version": self.service.model_version}
-
-    def __del__(self) -> None:
-        self._stop.set()
+        return {"status": "ok", "model_version": self._serving().model_version}
 
 
 # ----------------------------------------------------------------------------
@@ -218,7 +253,7 @@ def make_api(section: ServeSection, ingress: Any = None) -> FastAPI:
     return api
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(**{k: v for k, v in INGRESS_OPTIONS.items() if k != "ray_actor_options"})
 @serve.ingress()
 class Ingress:
     """The HTTP ingress; its FastAPI app is built on the replica from the section (``make_api``)."""
@@ -271,33 +306,47 @@ class Ingress:
 # ----------------------------------------------------------------------------
 
 
-def model_options(section: ServeSection) -> dict[str, Any]:
-    """``PhenotypeModel.options(...)``: replicas or autoscaling, CPUs/GPUs per replica, queue bound."""
-    opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
-        "max_ongoing_requests": max(16, 4 * section.max_batch_size),
-    }
-    if section.autoscaling:
-        opts["autoscaling_config"] = {
-            "min_replicas": section.min_replicas, "max_replicas": section.max_replicas,
-            "target_ongoing_requests": section.target_ongoing_requests,
-        }
-    else:
-        opts["num_replicas"] = section.num_replicas
-    return opts
+def model_config(source: ModelSource) -> ModelConfig:
+    """A :class:`ModelSource` as the model deployment's ``user_config``."""
+    if source.model_dir is not None:
+        return ModelConfig(model_dir=source.model_dir, judge_dir=source.judge_dir)
+    return ModelConfig(model_uri=source.model_uri, tracking_uri=source.tracking_uri)
+
+
+def bind(section: ServeSection, model: ModelConfig, valid_parquet: str | None = None,
+         data_root: str | None = None) -> Application:
+    """The application: the options of ``g2p serve config`` (``serving.serve_config``), ``model`` as user_config."""
+    m = PhenotypeModel.options(**model_options(section), user_config=model.dump()).bind(section)
+    return Ingress.options(ray_actor_options=INGRESS_OPTIONS["ray_actor_options"]).bind(
+        m, section, valid_parquet, data_root)
+
+
+def app(args: AppArgs) -> Application:
+    """The application builder: ``serve run serving.ray_app:app model_uri=...``, or the ``import_path``
+    of the config ``g2p serve config`` writes (its ``args`` carry the ``serve`` section)."""
+    if not isinstance(args, AppArgs):  # called directly with a dict
+        args = AppArgs.model_validate(args or {})
+    section = args.section()
+    return bind(section, args.model(section), args.records, args.data_root)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "application":  # `serve build serving.ray_app:application` (built on first access)
+        return app(AppArgs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_app(source: ModelSource, section: ServeSection = ServeSection(), valid_parquet: str | None = None,
-              data_root: str | None = None):
-    """The bound application: replicas, autoscaling and GPUs per replica from ``section``."""
-    model = PhenotypeModel.options(**model_options(section)).bind(source, section)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, section, valid_parquet, data_root)
+              data_root: str | None = None) -> Application:
+    """The bound application serving ``source`` (replicas, autoscaling and GPUs per replica from ``section``)."""
+    return bind(section, model_config(source), valid_parquet, data_root)
 
 
 def start(source: ModelSource, section: ServeSection = ServeSection(), *, host: str | None = None,
           port: int | None = None, valid_parquet: str | None = None, data_root: str | None = None,
           num_cpus: int | None = None, name: str = "g2p", route_prefix: str = "/") -> str:
-    """Start Ray (if needed), Serve on host:port, and the app; returns the base URL (non-blocking)."""
+    """In process (tests, benchmarks): start Ray (if needed), Serve on host:port, and the app with
+    ``serve.run``; returns the base URL (non-blocking). ``g2p serve`` deploys the Serve config instead."""
     import ray
 
     host = host or section.host
@@ -307,8 +356,8 @@ def start(source: ModelSource, section: ServeSection = ServeSection(), *, host: 
 
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    app = build_app(source, section, valid_parquet, data_root)
-    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app(source, section, valid_parquet, data_root), name=name, route_prefix=route_prefix,
+              blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 

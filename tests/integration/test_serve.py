@@ -1,8 +1,10 @@
-"""Ray Serve endpoint on loopback: real local Ray, real HTTP, a tiny untrained model (noise images, real code paths)."""
+"""Ray Serve endpoint on loopback: real local Ray (with its dashboard), the Serve config deployed through its
+REST API as `g2p serve` does, real HTTP, a tiny untrained model (noise images, real code paths)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -39,27 +41,31 @@ def call(url: str, body: object | bytes | None = None, timeout: float = 60) -> t
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """The Ray Serve app over a symlinked model folder (swapping the link = a new champion): the first in the
-    training layout (converted at load), the second in the pipeline layout."""
+    """The application deployed as `g2p serve` does it: a local Ray with its dashboard, the Serve config of
+    ``serving.serve_config`` PUT through the dashboard's REST API. It serves the folder model_a (training
+    layout, converted at load); model_b (pipeline layout) is what a later user_config names."""
     import ray
     from ray import serve
 
-    from serving import ray_app
-    from serving.core import ModelSource
+    from serving.cli import start_ray
+    from serving.serve_config import ModelConfig, deploy, serve_config
 
     tmp = tmp_path_factory.mktemp("serve")
     tiny_model(tmp / "model_a", seed=0)
     tiny_pipeline(tmp / "model_b", seed=1)
-    link = tmp / "current"
-    link.symlink_to(tmp / "model_a", target_is_directory=True)
     valid = tiny_records(tmp / "data", BARCODES[:2])
     section = ServeSection(max_n=6, max_steps=20, default_n=2, default_steps=2, max_batch_size=8,
-                           batch_wait_timeout_s=0.3, reload_interval_s=0.5, request_timeout_s=30)
-    ray.init(num_cpus=2, include_dashboard=False)
-    url = ray_app.start(ModelSource(model_dir=str(link)), section, port=free_port(), valid_parquet=str(valid),
-                        data_root=str(tmp / "data"))
+                           batch_wait_timeout_s=0.3, request_timeout_s=30, port=free_port())
+    if ray.is_initialized():  # a Ray left by another module has no dashboard
+        ray.shutdown()
+    dashboard, env = start_ray(None, num_cpus=2)
+    assert env == {}
+    config = serve_config(section, model=ModelConfig(model_dir=str(tmp / "model_a")), records=str(valid),
+                          data_root=str(tmp / "data"))
+    deploy(dashboard, config)
+    url = f"http://127.0.0.1:{section.port}"
     wait_http(url + "/healthz")
-    yield {"url": url, "tmp": tmp, "link": link}
+    yield {"url": url, "tmp": tmp, "dashboard": dashboard, "section": section}
     serve.shutdown()
     ray.shutdown()
 
@@ -210,9 +216,12 @@ def test_records_vary_and_page(server) -> None:
         assert b"G2PDiffusion" in r.read()
 
 
-def test_a_new_model_version_is_picked_up_without_dropping_requests(server) -> None:
-    """Swap the model folder while clients keep calling: every call answers; the version changes."""
-    url, link, tmp = server["url"], server["link"], server["tmp"]
+def test_a_new_model_reaches_the_replicas_through_user_config_without_dropping_requests(server) -> None:
+    """Redeploy the config with a new user_config while clients keep calling: Serve reconfigures the live
+    replica in place; every call answers; the version changes; `serve config` shows the new user_config."""
+    from serving.serve_config import MODEL_DEPLOYMENT, deployed, push_model
+
+    url, tmp, dashboard = server["url"], server["tmp"], server["dashboard"]
     req = {"barcode": BARCODES[2], "n": 1, "steps": 2, "seed": 5}
     before = call(url + "/v1/phenotypes", req)[1]
     results: list[tuple[int, dict]] = []
@@ -226,13 +235,12 @@ def test_a_new_model_version_is_picked_up_without_dropping_requests(server) -> N
     for t in threads:
         t.start()
     time.sleep(0.5)
-    tmp_link = tmp / "next"
-    tmp_link.symlink_to(tmp / "model_b", target_is_directory=True)
-    os.replace(tmp_link, link)  # atomic: the registry alias moving to a new version
+    new = push_model(dashboard, "g2p", model_dir=str(tmp / "model_b"))  # returns once the replica reconfigured
+    assert new.dump() == {"model_dir": str(tmp / "model_b")}
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and call(url + "/v1/model")[1]["model_version"] == before["model_version"]:
+    while time.monotonic() < deadline and not any(r[1].get("model_version") != before["model_version"]
+                                                  for r in list(results)):
         time.sleep(0.2)
-    time.sleep(0.5)
     stop.set()
     for t in threads:
         t.join()
@@ -241,6 +249,12 @@ def test_a_new_model_version_is_picked_up_without_dropping_requests(server) -> N
     assert versions[0] == before["model_version"] and versions[-1] != before["model_version"]
     after = call(url + "/v1/phenotypes", req)[1]
     assert after["model_version"] == versions[-1] and after["images"] != before["images"]
+    info = call(url + "/v1/model")[1]
+    assert info["extra"]["reloads"] == 1 and info["extra"]["user_config"] == new.dump()
+    app = next(a for a in deployed(dashboard)["applications"] if a["name"] == "g2p")
+    assert next(d for d in app["deployments"] if d["name"] == MODEL_DEPLOYMENT)["user_config"] == new.dump()
+    # the same user_config again: nothing to load, the replica keeps its model
+    push_model(dashboard, "g2p", model_dir=str(tmp / "model_b"))
     assert call(url + "/v1/model")[1]["extra"]["reloads"] == 1
 
 
@@ -288,19 +302,20 @@ def registry_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"store": store}
 
 
-def test_registry_champion_is_served_and_a_promotion_is_picked_up(server, registry_store) -> None:
-    """The production path: models:/g2pdiffusion@champion; moving the alias swaps the model, no request dropped."""
+def test_registry_champion_is_served_and_a_promotion_reaches_the_replicas(server, registry_store) -> None:
+    """The production path: models:/g2pdiffusion@champion. Moving the alias alone changes nothing (no
+    polling); the promotion hook pins the new version in user_config, and no request is dropped."""
     from ray import serve
 
     from pipelines import registry
+    from pipelines.promotion import notify_serving
     from pipelines.registry import PromoteSection
-    from serving import ray_app
-    from serving.core import ModelSource
+    from serving.serve_config import ModelConfig, deploy_beside, serve_config
 
-    store = registry_store["store"]
-    section = ServeSection(default_n=2, default_steps=2, reload_interval_s=0.5, batch_wait_timeout_s=0.01)
-    app = ray_app.build_app(ModelSource(model_uri="models:/g2pdiffusion@champion", tracking_uri=store), section)
-    serve.run(app, name="registry", route_prefix="/reg", blocking=False)
+    store, dashboard = registry_store["store"], server["dashboard"]
+    section = dataclasses.replace(server["section"], default_n=2, default_steps=2, batch_wait_timeout_s=0.01)
+    model = ModelConfig(model_uri="models:/g2pdiffusion@champion", tracking_uri=store)
+    deploy_beside(dashboard, serve_config(section, model=model, app_name="registry", route_prefix="/reg"))
     url = server["url"] + "/reg"
     try:
         wait_http(url + "/healthz", timeout=120)
@@ -321,11 +336,13 @@ def test_registry_champion_is_served_and_a_promotion_is_picked_up(server, regist
         t = threading.Thread(target=client)
         t.start()
         time.sleep(0.5)
-        registry.promote("g2pdiffusion", PromoteSection(), to_version="2", note="serving test", tracking_uri=store)
+        d = registry.promote("g2pdiffusion", PromoteSection(), to_version="2", note="serving test",
+                             tracking_uri=store)
+        assert call(url + "/v1/model")[1]["model_version"] == "1"  # the alias moved; nothing polls it
+        assert notify_serving(d, None, app="registry") is None  # no address given, none in the environment
+        said = notify_serving(d, dashboard, app="registry")
+        assert said and "version 2" in said, said
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and call(url + "/v1/model")[1]["model_version"] != "2":
-            time.sleep(0.3)
-        # wait for the condition, not a fixed time: the client has been answered by the new version
         while time.monotonic() < deadline and not any(r[1].get("model_version") == "2" for r in list(results)):
             time.sleep(0.3)
         stop.set()
@@ -335,6 +352,7 @@ def test_registry_champion_is_served_and_a_promotion_is_picked_up(server, regist
         assert versions[0] == "1" and "2" in versions, versions
         v2 = call(url + "/v1/phenotypes", req)[1]
         assert v2["model_version"] == "2" and v2["images"] != v1["images"]
+        assert call(url + "/v1/model")[1]["extra"]["user_config"]["version"] == "2"
     finally:
         serve.delete("registry")
 
