@@ -416,7 +416,13 @@ class EvaluateConfig:
     ``batch_barcodes`` barcodes go through the pipeline at once; image j of
     barcode i is seeded ``image_seed(seed, i, j)`` in both generated rows, so
     they are paired sample for sample. Variation: ``vary_barcodes``
-    seen barcodes x ``vary_samples`` images per mutation rate and latitude.
+    seen barcodes x ``vary_samples`` images per mutation rate and latitude
+    (the paper's sweeps), per step of the interpolation toward a sibling
+    species' barcode (``interpolation_steps``) and for another haplotype of
+    the same species. The controlled Bergmann test: ``bergmann_species``
+    seen test species (0: all) x ``bergmann_samples`` images from shared
+    noise at two latitudes inside each species' range and two longitudes
+    (the negative control), next to true renders at the same places.
     """
 
     barcodes_per_species: int = 0
@@ -432,8 +438,18 @@ class EvaluateConfig:
     vary_samples: int = 2
     mutation_rates: tuple[float, ...] = MUTATION_RATES
     latitudes: tuple[float, ...] = LATITUDES
+    interpolation_steps: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    bergmann_species: int = 0  # 0: every seen test species
+    bergmann_samples: int = 10  # images per species and place, shared noise across places
 
     def __post_init__(self) -> None:
+        steps = self.interpolation_steps
+        if (len(steps) < 2 or list(steps) != sorted(steps) or steps[0] != 0.0 or steps[-1] != 1.0
+                or any(not 0.0 <= f <= 1.0 for f in steps)):
+            raise ConfigError(f"evaluate.interpolation_steps: {list(steps)!r} must rise from 0.0 to 1.0")
+        if self.bergmann_samples < 1 or self.bergmann_species < 0:
+            raise ConfigError(f"evaluate.bergmann_samples / bergmann_species: {self.bergmann_samples!r} / "
+                              f"{self.bergmann_species!r} (need >= 1 / >= 0)")
         if not 0.0 < self.threshold_fpr < 1.0:
             raise ConfigError(f"evaluate.threshold_fpr: {self.threshold_fpr!r} is not a false-positive rate "
                               "strictly between 0 and 1 (e.g. 0.05)")

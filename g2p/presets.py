@@ -33,7 +33,7 @@ def _tiny() -> G2PConfig:
         data=DataConfig(
             num_orders=2, families_per_order=2, genera_per_family=1, species_per_genus=2,
             unseen_species_per_genus=1, train_per_species=3, val_per_species=1,
-            test_per_species=1, key_unseen_per_species=1, val_unseen_per_species=1,
+            test_per_species=2, key_unseen_per_species=1, val_unseen_per_species=1,
             test_unseen_per_species=1, pretrain_records=8, image_size=64,
         ),
         tokenizer=TokenizerConfig(k=4, stride=4),
@@ -59,7 +59,8 @@ def _tiny() -> G2PConfig:
                                        checkpoint_every=10),
         evaluate=EvaluateConfig(barcodes_per_species=1, num_samples=2, ks=(1, 2), bootstrap_reps=50,
                                 threshold_pairs=0, batch_barcodes=4,
-                                vary_barcodes=1, vary_samples=1, mutation_rates=(0.0, 0.5), latitudes=(0.0, 60.0)),
+                                vary_barcodes=2, vary_samples=1, mutation_rates=(0.0, 0.5), latitudes=(0.0, 60.0),
+                                interpolation_steps=(0.0, 0.5, 1.0), bergmann_species=3, bergmann_samples=2),
     )
 
 

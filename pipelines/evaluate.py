@@ -57,7 +57,7 @@ from g2p.evaluation.rows import COMPARISONS, GENERATED, REFERENCE, REGISTRY, ROW
 from g2p.evaluation.traits import ORACLE, mean_trait_errors, trait_group_report
 from pipelines.eval_pool import TASK_IMAGES, run_tasks
 from pipelines.eval_report import PER_BARCODE, write_figures, write_per_barcode, write_plots, write_report
-from pipelines.eval_variation import variation
+from pipelines.eval_variation import controlled_bergmann, mutation_controls, variation
 
 
 @dataclass
@@ -153,9 +153,11 @@ def true_traits(truth: pd.DataFrame, processids: np.ndarray) -> dict[str, np.nda
 
 
 # Bumped when a measurement's definition changes under the same settings and records (2: species accuracy
-# among all seen and unseen species, val-fitted threshold, k real images as ground truth), so eval_config_hash
-# never calls two evaluations comparable that are not.
-EVAL_PROTOCOL = 2
+# among all seen and unseen species, val-fitted threshold, k real images as ground truth; 3: the benchmark's
+# per-record traits (sex, melanism) as the truth, controlled variation tests), so eval_config_hash never calls
+# two evaluations comparable that are not.
+EVAL_PROTOCOL = 3
+
 # ----------------------------------------------------------------------------
 # the evaluation
 # ----------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def _tasks(data: EvalData, ecfg, with_sizes: bool) -> tuple[list[str], dict]:
 
 
 def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str | None = None,
-             bergmann_truth: float | None = None, sampling=None, section=None,
+             bergmann_truth: float | None = None, sampling=None, section=None, data_cfg=None,
              progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """All metrics (the ``metrics.json`` dict) and the artefacts for plots and the report.
 
@@ -219,7 +221,8 @@ def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str 
     ``SamplingConfig``, default: the model's) sets the scheduler, steps, CFG
     scale and the aligner guidance of the aligner rows; ``section`` (a
     ``PredictSection``, default its defaults) sizes the actor pool. The rows
-    are those of :data:`g2p.evaluation.rows.REGISTRY`.
+    are those of :data:`g2p.evaluation.rows.REGISTRY`. ``data_cfg`` (the ``DataConfig`` that
+    synthesised the data) enables the controlled variation tests (with the synthetic truth and a reader).
     """
     from g2p.judge import Judge
     from g2p.pipeline import load_pipeline
@@ -353,8 +356,39 @@ def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str 
     results["variation"], art["variation"] = variation(pipe, j, data.splits["seen"], ecfg, reader,
                                                        bergmann_truth, progress, real_sizes,
                                                        aligner_guidance_scale=guided, **skw)
+    if with_traits and data_cfg is not None:  # the controlled tests (eval_variation): synthetic truth only
+        results["variation"]["bergmann_controlled"] = controlled_bergmann(
+            pipe, reader, data.splits["seen"], data.train, data.truth, data_cfg, ecfg, progress,
+            aligner_guidance_scale=guided, **skw)
+        results["variation"]["mutation_controls"] = mutation_controls(
+            pipe, reader, data.splits["seen"], data.truth, ecfg, traits_out["seen"]["random_species_truth"],
+            progress, aligner_guidance_scale=guided, **skw)
+    results["comparisons"] = comparisons_view(results)
+    if with_traits:  # the reader's own error on real test images (the floor of the trait rows)
+        results["reader"] = {split: traits_out[split][REFERENCE]["mean_normalised_error"] for split in traits_out}
     results["seconds"] = round(time.time() - t0, 1)
     return results, art
+
+
+def comparisons_view(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{split: {"<a>_vs_<b>": {metric: {"diff", "low", "high", "n_barcodes", "n_species", "verdict"}}}}``: every
+    paired comparison the report states, on the judge's metrics (``<split>.paired``) and on the normalised
+    trait error over all traits (``trait_error``, from ``traits.<split>.paired``; negative: ``a`` errs less)."""
+    out: dict[str, dict[str, Any]] = {}
+    keep = ("diff", "low", "high", "n_barcodes", "verdict")
+    for split in ("seen", "unseen"):
+        if split not in results:
+            continue
+        view: dict[str, Any] = {}
+        for name, metrics in results[split].get("paired", {}).items():
+            view[name] = {m: {**{k: d[k] for k in keep}, "n_species": d["n_clusters"]} for m, d in metrics.items()}
+        trait_pairs = results.get("traits", {}).get(split, {}).get("paired", {})
+        for name, groups in trait_pairs.items():
+            if "all" in groups:
+                d = groups["all"]
+                view.setdefault(name, {})["trait_error"] = {**{k: d[k] for k in keep}, "n_species": d["n_clusters"]}
+        out[split] = view
+    return out
 
 
 def eval_config_hash(ecfg, data: EvalData) -> str:
@@ -428,14 +462,15 @@ def run(*, model: str, judge: str, trait_reader: str | None, train: str, test: s
         absent = absent or f"no synthetic ground truth at {truth}"
         bergmann = None  # the benchmark's coefficient says nothing about real records
     results, art = evaluate(model, judge, data, ecfg, trait_reader=reader, bergmann_truth=bergmann,
-                            sampling=(cfg or saved).sampling, section=load_section(params), progress=progress)
+                            sampling=(cfg or saved).sampling, section=load_section(params), progress=progress,
+                            data_cfg=(cfg or saved).data if data.truth is not None else None)
     results["eval_config_hash"] = eval_config_hash(ecfg, data)
     if "traits" not in results:  # the gold standard needs the synthetic truth and the reader
         results["traits"] = {"absent": absent or "not computed"}
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
-    ordered = {k: results[k] for k in ("seen", "unseen", "judge", "traits", "variation", "threshold",
-                                       "eval_config_hash", "seconds") if k in results}
+    ordered = {k: results[k] for k in ("seen", "unseen", "comparisons", "judge", "traits", "reader", "variation",
+                                       "threshold", "eval_config_hash", "seconds") if k in results}
     (dest / "metrics.json").write_text(json.dumps(ordered, indent=2) + "\n")
     write_per_barcode(art["per_barcode"], dest / PER_BARCODE)
     write_plots(results, art, dest)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -250,3 +251,31 @@ def record_traits(world: World, rec: dict[str, np.ndarray], sl: slice) -> dict[s
     sp = rec["species"][sl]
     return traits.record_traits({k: v[sp] for k, v in world.decoded.items()}, rec["sex"][sl],
                                 rec["melanism"][sl], world.cfg)
+
+
+def family_melanism(truth: Any) -> dict[int, bool]:
+    """Which families of a ground-truth table are melanic (some record's ``melanism_multiplier`` is not 1)."""
+    m = truth.groupby("family_id")["melanism_multiplier"].min()
+    return {int(f): bool(v < 1.0 - 1e-6) for f, v in m.items()}
+
+
+def moved_record(row: Any, cfg: DataConfig, lat: float, melanic: bool, *, sex: int | None = None,
+                 nuisance: dict[str, float] | None = None) -> dict[str, float]:
+    """Drawing parameters of ground-truth record ``row`` (a mapping of its columns) as if it had been
+    collected at latitude ``lat``: the same species and, unless given, the same sex, pose and light;
+    Bergmann size and thermal melanism recomputed for ``lat``. The positive control of the evaluate
+    stage's Bergmann test (true renders of a species at the latitudes its generated images were asked for).
+    """
+    p = {n: float(row[f"trait_{n}"]) for n in traits.TRAIT_NAMES}
+    old_sex = int(row["sex"])
+    if sex is not None and sex != old_sex:  # back to the species' value, then to the asked-for sex
+        for name, rel in traits.MALE.items():
+            p[name] = p[name] / (1.0 + rel * cfg.dimorphism * old_sex) * (1.0 + rel * cfg.dimorphism * sex)
+    at = np.array([lat], dtype=np.float64)
+    p["body_light"] = (p["body_light"] / float(row["melanism_multiplier"])
+                       * float(traits.melanism_multiplier(at, np.array([melanic]), cfg)[0]))
+    p["size_mult"] = float(traits.size_multiplier(at, cfg)[0])
+    p.update({k: float(row[k]) for k in (*traits.NUISANCE_NAMES, "damage", "damage_part")})
+    if nuisance is not None:
+        p.update({k: float(v) for k, v in nuisance.items()})
+    return p

@@ -102,6 +102,29 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: Sequence[str] | No
             "n_barcodes": int(len(d)), "n_clusters": ng}
 
 
+def ratio_of_means(a: np.ndarray, b: np.ndarray, clusters: Sequence[str] | None = None, reps: int = 1000,
+                   seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """mean(a) / mean(b) over paired units with a cluster bootstrap interval (the same resampled units in
+    numerator and denominator): ``{"ratio", "low", "high", "n_barcodes", "n_clusters"}``; e.g. a generated
+    slope over the positive control's, species by species. Resamples whose denominator is 0 are dropped."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"a, b: need two equal-length 1-d arrays of paired values, got {a.shape} and {b.shape}")
+    if b.mean() == 0:
+        raise ValueError("b: the denominator's mean is 0; the ratio is undefined")
+    groups = np.arange(len(a)) if clusters is None else np.unique(np.asarray(clusters, dtype=object),
+                                                                  return_inverse=True)[1]
+    ng = int(groups.max()) + 1
+    sa, sb = np.bincount(groups, weights=a, minlength=ng), np.bincount(groups, weights=b, minlength=ng)
+    pick = np.random.default_rng(seed).integers(0, ng, size=(reps, ng))
+    num, den = sa[pick].sum(1), sb[pick].sum(1)
+    boots = num[den != 0] / den[den != 0]
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1.0 - alpha])
+    return {"ratio": float(a.mean() / b.mean()), "low": float(lo), "high": float(hi), "n_barcodes": int(len(a)),
+            "n_clusters": ng}
+
+
 MDD_FACTOR = 1.959964 + 0.841621  # z(0.975) + z(0.80): the minimum detectable difference in standard errors
 
 

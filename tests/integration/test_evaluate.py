@@ -133,6 +133,31 @@ def test_evaluate_stage_writes_metrics_report_plots_and_mlflow_run(setup, monkey
     assert d["diff"] == pytest.approx(v["score_by_rate"][0] - v["score_by_rate"][-1]) and d["low"] <= d["high"]
     if v["bergmann_slope"] is not None and "bergmann_slope_low" in v:
         assert v["bergmann_slope_low"] <= v["bergmann_slope"] <= v["bergmann_slope_high"]
+    # the controlled Bergmann test: generated against true renders at the same places, longitude as the control
+    bc = v["bergmann_controlled"]
+    assert bc["species"] >= 2 and bc["samples_per_place"] == ecfg.bergmann_samples
+    assert bc["truth"] == pytest.approx(CFG.data.bergmann_coefficient, rel=0.5)
+    for part in (bc["generated"], bc["positive_control"], bc["longitude"]["generated"]):
+        assert part["low"] <= part["mean"] <= part["high"]
+    assert bc["generated_minus_control"]["diff"] == pytest.approx(bc["generated"]["mean"] - bc["positive_control"]["mean"])
+    assert bc["longitude"]["generated_interval_includes_zero"] == (
+        bc["longitude"]["generated"]["low"] <= 0 <= bc["longitude"]["generated"]["high"])
+    # haplotype invariance and the interpolation toward a sibling species, paired per barcode
+    mc = v["mutation_controls"]
+    assert set(mc["haplotype_invariance"]) == {"other_haplotype_minus_own", "sibling_species_minus_own"}
+    assert mc["num_barcodes"] >= 2 and mc["mean_differing_sites"] > 0
+    steps = mc["interpolation"]["steps"]
+    assert [x["fraction"] for x in steps] == list(ecfg.interpolation_steps)
+    assert all(0 <= x["share_closer_to_sibling"]["mean"] <= 1 for x in steps)
+    # metrics.json's comparisons and the reader's own error
+    for split in ("seen", "unseen"):
+        c = metrics["comparisons"][split]["g2pdiffusion_vs_nearest_neighbour"]
+        assert {"species_accuracy", "score@1", "trait_error"} <= set(c)
+        assert c["score@1"]["diff"] == pytest.approx(metrics[split]["paired"]["g2pdiffusion_vs_nearest_neighbour"]
+                                                     ["score@1"]["diff"])
+        assert c["trait_error"]["n_species"] == metrics[split]["num_species"]
+        assert metrics["reader"][split] == metrics["traits"][split]["ground_truth"]["mean_normalised_error"]
+    assert "g2pdiffusion_vs_no_aligner" in metrics["comparisons"]["seen"]
     t = metrics["threshold"]  # fitted on the held-out val images against same-genus negatives, at 5% FPR
     assert -1.0 < t["value"] < 1.0 and t["source"] == "val" and t["false_positive_rate"] <= 0.05
     assert t["num_pairs"] == truth["split"].isin(["val", "val_unseen"]).sum() and 0 < t["same_genus_share"] <= 1
