@@ -302,6 +302,7 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
     elif "absent" in results.get("traits", {}):
         parts += ["", f"Body size against latitude: not measured (it needs the trait reader; "
                       f"{results['traits']['absent']})."]
+    parts += controlled_sections(v)
     parts += ["", f"![variation](figures/{figs['variation'].name})", "",
               f"Mutation grid (rows: barcodes; columns: rates {v['mutation_rates']}):", "",
               f"![mutation](figures/{figs['vary_mutation'].name})", ""]
@@ -313,3 +314,62 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
     return path
 
 
+
+
+def _ci(d: dict[str, Any], key: str = "mean", fmt: str = ".4f") -> str:
+    return f"{d[key]:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]"
+
+
+def controlled_sections(v: dict[str, Any]) -> list[str]:
+    """The controlled variation tests (pipelines.eval_variation) in words; each sentence from its interval."""
+    parts: list[str] = []
+    bc = v.get("bergmann_controlled")
+    if bc and "absent" not in bc:
+        lon = bc["longitude"]
+        r = bc["ratio_generated_to_control"]
+        ratio = (f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" if "ratio" in r else r.get("absent", "n/a"))
+        d = bc["generated_minus_control"]
+        parts += ["", "### Controlled Bergmann test", "",
+                  f"{bc['species']} seen test species, each at two latitudes inside its range (the "
+                  f"{bc['range_quantiles'][0]:.0%} and {bc['range_quantiles'][1]:.0%} quantiles of its training "
+                  f"records' |latitude|, {bc['mean_latitude_span']:.1f} degrees apart on average) and, at its median "
+                  f"latitude, two longitudes ({bc['mean_longitude_span']:.1f} degrees apart); "
+                  f"{bc['samples_per_place']} images per place from shared noise. Relative body-size slope per "
+                  "degree [95% interval over species]:", "",
+                  "| | latitude (Bergmann) | longitude (negative control) |", "|---|---|---|",
+                  f"| synthetic truth | {bc['truth']:.4f} | 0 |",
+                  f"| true renders, same places (positive control) | {_ci(bc['positive_control'])} | "
+                  f"{_ci(lon['positive_control'])} |",
+                  f"| generated (G2PDiffusion) | {_ci(bc['generated'])} | {_ci(lon['generated'])} |", "",
+                  f"Generated / positive control: {ratio}; generated minus control, paired by species: "
+                  f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({d['verdict']}). The generated "
+                  "longitude slope's interval "
+                  + ("includes 0, as the truth does." if lon["generated_interval_includes_zero"]
+                     else "excludes 0: the generator makes size depend on longitude, which the truth does not.")]
+        for label, m in bc.get("melanism", {}).items():
+            parts += ["", f"Thermal melanism, {label.replace('_', ' ')} ({m['species']} species): relative "
+                          f"body-lightness slope per degree, truth {m['truth']:+.4f}, positive control "
+                          f"{_ci(m['positive_control'], fmt='+.4f')}, generated {_ci(m['generated'], fmt='+.4f')}."]
+    mc = v.get("mutation_controls")
+    if mc and "absent" not in mc:
+        h = mc["haplotype_invariance"]
+        o, sib = h["other_haplotype_minus_own"], h["sibling_species_minus_own"]
+        parts += ["", "### Haplotype invariance and interpolation toward a sibling species", "",
+                  f"{mc['num_barcodes']} seen test barcodes x {mc['samples_per_barcode']} images from shared noise, "
+                  "at the barcode's own place; normalised trait error against the barcode's true traits, paired "
+                  "per barcode [95% interval over species]: another haplotype of the same species minus the "
+                  f"barcode itself {o['diff']:+.3f} [{o['low']:+.3f}, {o['high']:+.3f}] ({o['verdict']}); "
+                  f"a sibling species' barcode minus the barcode itself {sib['diff']:+.3f} "
+                  f"[{sib['low']:+.3f}, {sib['high']:+.3f}] ({sib['verdict']}).", "",
+                  f"Interpolation: a growing share of the {mc['mean_differing_sites']:.0f} sites (mean) where the "
+                  "barcode differs from a sibling species' (same genus, aligned on the template) set to the "
+                  "sibling's base:", "", "| share of sites | error vs own traits | error vs sibling's | "
+                  "images closer to the sibling |", "|---|---|---|---|"]
+        parts += [f"| {x['fraction']:.0%} | {_ci(x['error_vs_own'], fmt='.3f')} | "
+                  f"{_ci(x['error_vs_sibling'], fmt='.3f')} | {_ci(x['share_closer_to_sibling'], fmt='.0%')} |"
+                  for x in mc["interpolation"]["steps"]]
+        sw = mc["interpolation"]["median_switch_fraction"]
+        parts += ["", "Median share of sites at which the traits switch to the sibling's: "
+                  + (f"{sw:.0%}" if sw is not None else "never") + f"; barcodes that never switch: "
+                  f"{mc['interpolation']['share_never_switched']:.0%}."]
+    return parts
