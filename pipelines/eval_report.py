@@ -216,7 +216,7 @@ def write_report(results: dict[str, Any], figs: dict[str, Path], out: Path, ks: 
              "same barcodes (the paper's reading: 0.182 / 0.512 = 0.356), shown only at the k where the ground "
              "truth scores highest of all rows. The ground-truth row at k is the best of k real images of the "
              "barcode's species in the split (its own record first; cycled where the split holds fewer). "
-             "Intervals: 95% bootstrap over barcodes. Species accuracy: "
+             "Intervals: 95% bootstrap resampling whole species. Species accuracy: "
              "share of each row's images (all k per barcode) whose closest species among all seen and unseen "
              "species (mean barcode embedding over the test records of both splits) is its own; chance = 1 / "
              "number of candidate species.", "",

@@ -321,10 +321,11 @@ def evaluate(model: str, judge: str, data: EvalData, ecfg, *, trait_reader: str 
                         trait_errors({n: x[other] for n, x in truth_all.items()}, truth).items()}
             traits_out[split] = {"random_species_truth": baseline}
         for r in REGISTRY:
-            m = M.topk_metrics(a[r.name]["scores"], gt_scores, threshold, ks, reps, seed)
-            # every image of the row counts; the interval resamples barcodes (a barcode's images go together)
-            m["species_accuracy"], m["species_accuracy_low"], m["species_accuracy_high"] = M.rate_with_ci(
-                a[r.name]["hits"].mean(axis=1), reps, seed)
+            m = M.topk_metrics(a[r.name]["scores"], gt_scores, threshold, ks, reps, seed, clusters=species)
+            # every image of the row counts; the interval resamples whole species (a species' barcodes go together)
+            acc_ci = M.clustered_mean(a[r.name]["hits"].mean(axis=1), species, reps, seed)
+            m["species_accuracy"], m["species_accuracy_low"], m["species_accuracy_high"] = (
+                acc_ci["mean"], acc_ci["low"], acc_ci["high"])
             split_out[r.name] = m
             for kk in ks:
                 art["topk"].append({"split": split, "row": r.name, "k": kk, "score": m[f"score@{kk}"],

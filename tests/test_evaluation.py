@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from g2p.evaluation import metrics as M
 from g2p.evaluation import (
     bergmann_slope,
     best_of_k,
@@ -227,3 +228,23 @@ def test_threshold_at_a_false_positive_rate_on_same_genus_negatives() -> None:
     assert (neg > t).mean() <= 0.05 and (neg >= t).mean() > 0.05
     with pytest.raises(ValueError, match="fpr"):
         fpr_threshold(neg, 0.0)
+
+
+def test_species_clustered_intervals_widen_with_duplicated_barcodes() -> None:
+    """Ten barcodes of one species are one piece of evidence: the clustered interval (topk_metrics with
+    clusters, ratio_of_means) is wider than the barcode bootstrap, and the point values do not change."""
+    rng = np.random.default_rng(0)
+    per_species = rng.normal(0.5, 0.2, 8)
+    scores = np.repeat(per_species, 10)[:, None] + rng.normal(0, 0.01, (80, 1))
+    gt = np.full(80, 0.8)
+    species = np.repeat([f"s{i}" for i in range(8)], 10)
+    plain = M.topk_metrics(scores, gt, 0.5, [1], 500, 0)
+    clustered = M.topk_metrics(scores, gt, 0.5, [1], 500, 0, clusters=species)
+    assert clustered["score@1"] == plain["score@1"] and clustered["relative_score@1"] == plain["relative_score@1"]
+    width = {n: m["score@1_high"] - m["score@1_low"] for n, m in (("plain", plain), ("clustered", clustered))}
+    assert width["clustered"] > 2 * width["plain"]
+    r = M.ratio_of_means(scores[:, 0], gt, species, 500, 0)
+    assert r["ratio"] == pytest.approx(scores.mean() / 0.8) and r["low"] < r["ratio"] < r["high"]
+    assert r["n_clusters"] == 8
+    with pytest.raises(ValueError, match="denominator"):
+        M.ratio_of_means(scores[:, 0], np.zeros(80))

@@ -213,13 +213,14 @@ def success_threshold(true_scores: np.ndarray, shuffled_scores: np.ndarray, num:
 
 
 def topk_metrics(scores: np.ndarray, gt_scores: np.ndarray, threshold: float, ks: Sequence[int],
-                 reps: int = 1000, seed: int = 0) -> dict[str, float]:
+                 reps: int = 1000, seed: int = 0, clusters: Sequence[str] | None = None) -> dict[str, float]:
     """One table row: ``score@k``, ``relative_score@k``, ``success@k`` (+ ``_low``/``_high``) for each k.
 
     ``scores`` (B, K) are a row's k images per barcode, ``gt_scores`` the
     ground truth's scores for the same barcodes: (B,) one real image, or
     (B, K) real images of the species, whose best of k is the reference at k.
-    Intervals: 95% bootstrap over barcodes (the same resamples for every k).
+    Intervals: 95% bootstrap over barcodes (the same resamples for every k),
+    or, with ``clusters`` (B,) (e.g. species), over whole clusters.
     """
     s = _2d(scores)
     gt_all = np.asarray(gt_scores, dtype=np.float64)
@@ -231,11 +232,21 @@ def topk_metrics(scores: np.ndarray, gt_scores: np.ndarray, threshold: float, ks
         gt = gt_all if gt_all.ndim == 1 else best_of_k(gt_all, k)
         hit = (best > threshold).astype(np.float64)
         out[f"score@{k}"] = float(best.mean())
-        out[f"score@{k}_low"], out[f"score@{k}_high"] = bootstrap_ci(best, reps, seed)
         out[f"relative_score@{k}"] = float(best.mean() / gt.mean()) if gt.mean() != 0 else float("nan")
-        out[f"relative_score@{k}_low"], out[f"relative_score@{k}_high"] = ratio_ci(best, gt, reps, seed)
         out[f"success@{k}"] = float(hit.mean())
-        out[f"success@{k}_low"], out[f"success@{k}_high"] = bootstrap_ci(hit, reps, seed)
+        if clusters is None:
+            out[f"score@{k}_low"], out[f"score@{k}_high"] = bootstrap_ci(best, reps, seed)
+            out[f"relative_score@{k}_low"], out[f"relative_score@{k}_high"] = ratio_ci(best, gt, reps, seed)
+            out[f"success@{k}_low"], out[f"success@{k}_high"] = bootstrap_ci(hit, reps, seed)
+            continue
+        for key, v in ((f"score@{k}", best), (f"success@{k}", hit)):
+            c = clustered_mean(v, clusters, reps, seed)
+            out[f"{key}_low"], out[f"{key}_high"] = c["low"], c["high"]
+        if gt.mean() != 0:
+            r = ratio_of_means(best, gt, clusters, reps, seed)
+            out[f"relative_score@{k}_low"], out[f"relative_score@{k}_high"] = r["low"], r["high"]
+        else:
+            out[f"relative_score@{k}_low"] = out[f"relative_score@{k}_high"] = float("nan")
     return out
 
 
