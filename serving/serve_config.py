@@ -194,6 +194,21 @@ def _dropped(given: Any, kept: Any, path: str) -> list[str]:
     return []
 
 
+def _where(config: Any, loc: tuple) -> str:
+    """A pydantic error location as the config's own path (without the union-member tags pydantic adds)."""
+    parts, node = [], config
+    for x in loc:
+        if isinstance(node, dict) and x in node or isinstance(node, list) and isinstance(x, int) and x < len(node):
+            parts.append(str(x))
+            node = node[x]
+        elif not parts or not isinstance(node, (dict, list)):
+            continue
+        else:
+            parts.append(str(x))  # a missing key: name it
+            break
+    return ".".join(parts)
+
+
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` checked by Ray's ``ServeDeploySchema`` (no key it would drop), our apps' ``args`` and
     ``user_config`` by :class:`AppArgs` and :class:`ModelConfig`; returns ``config``. ConfigError names the key."""
@@ -204,8 +219,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         kept = ServeDeploySchema.model_validate(config).model_dump(exclude_unset=True)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise ConfigError(f"serve config: {where}={err.get('input')!r}: {err['msg']}") from None
+        raise ConfigError(f"serve config: {_where(config, err['loc'])}={err.get('input')!r}: {err['msg']}") from None
     dropped = [p for p in _dropped(config, kept, "") if not p.endswith(("args", "user_config"))]
     if dropped:
         raise ConfigError(f"serve config: unknown key {dropped[0]} (Ray's ServeDeploySchema does not have it)")
