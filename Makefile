@@ -6,16 +6,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The CPU wheel on this machine; a GPU user installs their own torch build
-# first and runs `make install TORCH_SPEC=` (empty: keep what is there).
+# first and runs `make install TORCH_SPEC=` (empty: keep what is there; see
+# the README's "Installing").
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install run test test-cluster bench check-bioscan-package clean-outputs
 
+# Every extra: the pipeline (DVC, GX, Ray Train/Data, MLflow), the servers (Ray
+# Serve, BentoML, FastAPI) and the tests' tools (pytest, selenium, a SeaweedFS
+# binary, uv). The model alone (`import g2p`) needs only `pip install .`.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	$(PY) -m pip check
 	touch $(STAMP)
 

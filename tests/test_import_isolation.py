@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-FORBIDDEN = ("mlflow", "ray", "dvc", "great_expectations", "bentoml")
+FORBIDDEN = ("mlflow", "ray", "dvc", "great_expectations", "bentoml", "fastapi")
 
 
 def test_importing_g2p_loads_no_mlops_module() -> None:
