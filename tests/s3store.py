@@ -79,7 +79,7 @@ class S3Store:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
 
-    def start(self, timeout: float = 60.0) -> "S3Store":
+    def start(self, timeout: float = 300.0) -> "S3Store":  # polled; ~10-15 s when quiet, a loaded box is slower
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         ids = self.dir / "identities.json"

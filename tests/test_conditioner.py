@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import lru_cache
 
 import pytest
@@ -186,8 +185,9 @@ def test_bad_inputs_and_configs_are_errors() -> None:
 
 
 def test_paper_size_builds_and_runs() -> None:
+    """The paper's BERT (12 x 12 heads, 768 wide, 1024 positions) builds and encodes a barcode. How fast is
+    a benchmark's question (python -m benchmarks conditioner), not this test's: a loaded box is slow."""
     paper = preset("paper")
-    t0 = time.perf_counter()
     torch.manual_seed(0)
     m = Conditioner.from_config(paper.conditioner, paper.tokenizer).eval()
     tok = build_tokenizer(paper.tokenizer)
@@ -199,4 +199,3 @@ def test_paper_size_builds_and_runs() -> None:
     assert o.pooled.shape == (1, 768) and o.context.shape == (1, 220, 768)
     assert m.bert.config.num_hidden_layers == 12 and m.bert.config.num_attention_heads == 12
     assert m.bert.config.max_position_embeddings == 1024
-    assert time.perf_counter() - t0 < 20  # a few seconds on 2 cores

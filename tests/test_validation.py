@@ -258,18 +258,31 @@ def test_metadata_stream_reads_ahead_a_bounded_amount(tmp_path: Path) -> None:
     size = path.stat().st_size
     assert size > 9 * v._BLOCK  # 41 MB
 
-    def held_after_one_batch(open_reader) -> int:
+    def held_after_one_batch(open_reader, settled) -> int:
+        """Bytes Arrow holds once the reader, one batch taken, is ``settled(reader, held, polls held was
+        unchanged)``: polled, not a fixed sleep (a loaded box reads slowly), within a generous limit."""
         before = pa.total_allocated_bytes()
         reader = open_reader()
         next(iter(reader))
-        time.sleep(1.0)
+        deadline, last, still = time.monotonic() + 300, -1, 0
+        while time.monotonic() < deadline:
+            held = pa.total_allocated_bytes() - before
+            still = still + 1 if held == last else 0
+            if settled(reader, held, still):
+                break
+            last = held
+            time.sleep(0.05)
         held = pa.total_allocated_bytes() - before
         reader.close()
         return held
 
-    plain = held_after_one_batch(lambda: pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=v._BLOCK)))
-    assert plain > size // 2  # the behaviour the gate exists for
-    assert held_after_one_batch(lambda: v.MetadataStream(tmp_path)) < (v._AHEAD + 3) * v._BLOCK
+    def at_gate(stream, held, still) -> bool:  # it has read all it may, and what it read is allocated
+        return stream._gate._pos >= stream._gate._allowed and still >= 10
+
+    plain = held_after_one_batch(lambda: pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=v._BLOCK)),
+                                 lambda reader, held, still: held > size // 2)
+    assert plain > size // 2  # the behaviour the gate exists for (reached on its own, however slowly)
+    assert held_after_one_batch(lambda: v.MetadataStream(tmp_path), at_gate) < (v._AHEAD + 3) * v._BLOCK
     with v.MetadataStream(tmp_path) as stream:
         got = pa.Table.from_batches(list(stream))
     want = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=arrow_types(v.TEXT_COLUMNS),

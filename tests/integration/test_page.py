@@ -56,7 +56,7 @@ def browser():
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,1600"):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(driver_path), options=opts)
-    drv.set_page_load_timeout(30)
+    drv.set_page_load_timeout(120)  # a generous limit: a loaded 2-core box is slow
     yield drv
     drv.quit()
 
@@ -72,7 +72,7 @@ def test_page_submit_a_barcode_and_see_images(server, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    drv, wait = browser, WebDriverWait(browser, 30)
+    drv, wait = browser, WebDriverWait(browser, 300)  # polled conditions; the limit is for a loaded box
     drv.get(server + "/")
     wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
     assert "folder:" in drv.find_element(By.ID, "model-info").text

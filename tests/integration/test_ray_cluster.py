@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -111,12 +110,32 @@ def test_worker_node_gets_our_code_from_the_runtime_env(ray_cluster: RayCluster,
 
 
 def test_ray_data_runs_on_both_nodes(driver: float) -> None:
+    import asyncio
+
     import ray
 
     head, worker = _nodes()
 
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        """``arrive`` returns once ``n`` callers have arrived (or raises after ``timeout_s``)."""
+
+        def __init__(self, n: int) -> None:
+            self.n, self.arrived, self.all_in = n, 0, asyncio.Event()
+
+        async def arrive(self, timeout_s: float) -> int:
+            self.arrived += 1
+            if self.arrived >= self.n:
+                self.all_in.set()
+            await asyncio.wait_for(self.all_in.wait(), timeout_s)
+            return self.arrived
+
+    barrier = Barrier.remote(2)
+
     def tag(batch: dict) -> dict:
-        time.sleep(2.0)  # both blocks in flight at once: one per node (1 CPU each)
+        # both blocks in flight at once, so one per node (1 CPU each): a condition, not a 2 s sleep that a
+        # loaded box can outlast
+        ray.get(barrier.arrive.remote(300.0))
         n = len(batch["id"])
         return {"id": batch["id"], "node": [ray.get_runtime_context().get_node_id()] * n}
 
