@@ -1,28 +1,47 @@
-"""BentoML 1.4 service with the Ray Serve app's API and validation.
+"""BentoML 1.4 service with the Ray Serve app's API and validation, batched like it.
 
     G2P_MODEL_DIR=models/g2pdiffusion bentoml serve serving.bento_service:G2PPhenotypes --port 3000
     bentoml serve serving.bento_service:G2PPhenotypes          # models:/g2pdiffusion@champion
     bentoml build                                               # bentofile.yaml -> a Bento
+
+Two services, BentoML's pattern for adaptive batching behind an HTTP front:
+
+- ``G2PPhenotypes`` (the entry service, no model) answers HTTP: ``POST
+  /v1/phenotypes`` and ``POST /v1/vary`` (BentoML APIs whose ``input_spec`` is
+  ``serving.schema.request_models(serve)``'s model, the one Ray Serve's body is
+  typed with, so ``/docs`` states the same bounds), ``GET /v1/model`` (a
+  mounted FastAPI), BentoML's own ``/healthz``, ``/readyz`` (ready once the
+  generator is), ``/docs``. It hands each request to the generator.
+- ``G2PGenerator`` (a dependency, its own process) holds the model. Its
+  ``generate`` API is ``batchable``: BentoML's dispatcher gathers the calls
+  that arrive while a batch runs (up to ``serve.max_batch_size`` requests;
+  ``max_latency_ms`` = ``serve.request_timeout_s``) into one
+  ``PhenotypeService.predict_batch`` call, the function Ray Serve's
+  ``@serve.batch`` calls. A request's images do not depend on its batch (see
+  ``serving.core``); each response's ``batch_size`` says how many requests
+  its call answered, and ``/v1/model``'s ``extra.batching.batches`` counts
+  the calls by batch size. ``serve.max_batch_size: 1`` turns batching off.
+  BentoML sizes its batch window itself (it learns the call time);
+  ``serve.batch_wait_timeout_s`` is Ray Serve's alone. A request the
+  dispatcher expects to finish past ``max_latency_ms`` is refused (503); a
+  504 ends the front's wait, not a batch already running.
 
 The model comes from the environment: ``G2P_MODEL_DIR`` (+ ``G2P_JUDGE_DIR``)
 for a folder, else ``G2P_MODEL_URI`` (default: ``serve.model_uri``, the
 registry champion) from ``MLFLOW_TRACKING_URI``. ``G2P_PARAMS`` names the
 params file whose ``serve`` section bounds requests (default ``params.yaml``).
 
-Routes: ``POST /v1/phenotypes`` and ``POST /v1/vary`` (BentoML APIs whose
-``input_spec`` is ``serving.schema.request_models(serve)``'s model, the one Ray
-Serve's body is typed with, so ``/docs`` states the same bounds), ``GET
-/v1/model`` (a mounted FastAPI), BentoML's own ``/healthz``, ``/readyz``,
-``/docs``. An ASGI middleware validates the two POST bodies with that same
-model first, so a broken rule (or malformed JSON) is the Ray Serve app's 422
-body ``{"detail", "errors": [{field, value, message}]}`` (BentoML's own check
-would be a 400 without the value), and ``timeout_s`` (default
+An ASGI middleware validates the two POST bodies with the shared request model
+first, so a broken rule (or malformed JSON) is the Ray Serve app's 422 body
+``{"detail", "errors": [{field, value, message}]}`` (BentoML's own check would
+be a 400 without the value), and ``timeout_s`` (default
 ``serve.request_timeout_s``) is the Ray Serve app's 504 body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -111,34 +130,66 @@ def _source():
                        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
 
 
-info_app = FastAPI(title="G2PDiffusion model info")
+BATCHED = SECTION.max_batch_size > 1
 
 
-@bentoml.asgi_app(info_app, path="/v1")
 @bentoml.service(
-    name="g2p_phenotypes",
+    name="g2p_generator",
     resources={"cpu": str(max(1, int(SECTION.num_cpus))), **({"gpu": SECTION.num_gpus} if SECTION.num_gpus else {})},
     traffic={"timeout": SECTION.request_timeout_s},
     workers=1,
 )
-class G2PPhenotypes:
+class G2PGenerator:
+    """The model, in one process; ``generate`` answers a batch of phenotype requests in one call."""
+
     def __init__(self) -> None:
-        self.source = _source()
-        self.service = self.source.load(SECTION)
+        self.service = _source().load(SECTION)
+        self.batches: collections.Counter[int] = collections.Counter()  # requests per predict_batch call -> calls
+
+    @bentoml.api(batchable=BATCHED, max_batch_size=max(2, SECTION.max_batch_size),
+                 max_latency_ms=int(SECTION.request_timeout_s * 1000))
+    def generate(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Phenotype requests (validated by the front) -> their responses, one ``predict_batch`` call."""
+        reqs = [MODELS.phenotype.model_validate(p) for p in payloads]
+        self.batches[len(reqs)] += 1
+        return [r.model_dump() for r in self.service.predict_batch(reqs)]
+
+    @bentoml.api
+    def vary(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.service.vary(MODELS.vary.model_validate(payload)).model_dump()
+
+    @bentoml.api
+    async def info(self) -> dict[str, Any]:
+        """What is served; async, so that it answers while a batch holds the API thread."""
+        d = self.service.model_info().model_dump()
+        batching = {"batchable": BATCHED, "max_batch_size": SECTION.max_batch_size,
+                    "max_latency_ms": int(SECTION.request_timeout_s * 1000),
+                    "batches": {str(k): v for k, v in sorted(self.batches.items())}}
+        d["extra"] = {**d["extra"], "batching": batching}
+        return d
+
+
+info_app = FastAPI(title="G2PDiffusion model info")
+
+
+@bentoml.asgi_app(info_app, path="/v1")
+@bentoml.service(name="g2p_phenotypes", traffic={"timeout": SECTION.request_timeout_s}, workers=1)
+class G2PPhenotypes:
+    generator = bentoml.depends(G2PGenerator)
 
     @info_app.get("/model")
-    def model(self) -> dict[str, Any]:
-        return self.service.model_info().model_dump()
+    async def model(self) -> dict[str, Any]:
+        return await self.generator.to_async.info()
 
     @bentoml.api(route="/v1/phenotypes", input_spec=MODELS.phenotype)
-    def phenotypes(self, **fields: Any) -> dict[str, Any]:
+    async def phenotypes(self, **fields: Any) -> dict[str, Any]:
         """Generate ``n`` phenotype images (base64 PNG) with judge scores, model and data version."""
-        return self.service.predict(MODELS.phenotype.model_validate(fields)).model_dump()
+        return (await self.generator.to_async.generate([fields]))[0]
 
     @bentoml.api(route="/v1/vary", input_spec=MODELS.vary)
-    def vary(self, **fields: Any) -> dict[str, Any]:
+    async def vary(self, **fields: Any) -> dict[str, Any]:
         """Mutation and latitude sweeps (``g2p vary``), one image per variant."""
-        return self.service.vary(MODELS.vary.model_validate(fields)).model_dump()
+        return await self.generator.to_async.vary(fields)
 
 
 G2PPhenotypes.add_asgi_middleware(RequestCheck)
