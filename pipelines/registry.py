@@ -32,7 +32,13 @@ Lifecycle (aliases, not the deprecated stages):
    the reason for each section ``metrics.json`` records as not measured
    (``traits`` on real data), and the alias ``challenger``. With
    ``register.auto_promote`` it then runs the gate (2) and writes
-   ``reports/promotion.json``.
+   ``reports/promotion.json``. Under ``dvc exp run`` (DVC sets
+   ``DVC_EXP_NAME``) the version is registered and tagged with the
+   experiment's name and baseline commit, but no alias moves and the gate
+   does not run, unless ``register.promote_experiments`` opts in: an
+   experiment is a question, not a release. Its version stays reachable as
+   ``models:/<name>/<version>`` (``reports/promotion.json`` names it), and
+   ``g2p promote --to-version N`` promotes it by hand.
 2. ``g2p promote``: compares ``challenger`` with ``champion`` on
    ``promote.metrics`` (higher is better) by ``promote.rule``; both must have
    been evaluated on the same set (``eval_config_hash``) or the gate refuses.
@@ -87,6 +93,7 @@ class RegisterSection:
     judge_dir: str = "models/judge"
     metrics_path: str = "reports/metrics.json"
     auto_promote: bool = True
+    promote_experiments: bool = False  # under `dvc exp run`: move the aliases and run the gate as `dvc repro` does
     bundle_code: bool = True
     example_steps: int = 2
 
@@ -194,14 +201,14 @@ def _version_tags(lineage: Mapping[str, str], metrics: Mapping[str, Any], flat: 
 
 
 def register(section: RegisterSection, promote_section: PromoteSection, *, root: str | Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Log + register the generator/judge/metrics as a new version with alias ``challenger``.
+             progress: bool = True, alias: str | None = CHALLENGER) -> dict[str, Any]:
+    """Log + register the generator/judge/metrics as a new version with alias ``alias`` (None: no alias).
 
     Paths in ``section`` are relative to ``root`` (default: this repository);
     the store is ``tracking.tracking_uri(root)`` (``MLFLOW_TRACKING_URI``, else
-    ``<root>/mlflow.db``). Runs as the nested ``register`` run of the
+    ``<DVC_ROOT or root>/mlflow.db``). Runs as the nested ``register`` run of the
     pipeline's parent run; returns
-    ``{"model_name", "version", "run_id", "model_uri", "info"}``.
+    ``{"model_name", "version", "run_id", "model_uri", "alias", "info"}``.
     """
     import mlflow
 
@@ -265,20 +272,23 @@ def register(section: RegisterSection, promote_section: PromoteSection, *, root:
                 signature=signature, input_example=example, model_config=info,
                 pip_requirements=pip_requirements(), registered_model_name=section.model_name)
             version = str(model_info.registered_model_version)
-            client.set_registered_model_alias(section.model_name, CHALLENGER, version)
+            if alias:
+                client.set_registered_model_alias(section.model_name, alias, version)
             for k, v in _version_tags(lineage, metrics, flat, promote_section, info, run_id).items():
                 client.set_model_version_tag(section.model_name, version, k, v)
             desc = (f"Registered by the `register` stage from git {str(info['git_commit'])[:12]}"
                     f"{' (dirty)' if info['git_dirty'] == 'true' else ''}, data {info['data_version']}, "
                     f"params {str(info['params_hash'])[:12]}; judge {info['judge']}; "
                     f"eval_config_hash {str(info['eval_config_hash'])[:12]}."
+                    + (f" DVC experiment {lineage['dvc.exp_name']} (baseline {lineage['dvc.exp_baseline_rev'][:12]})."
+                       if "dvc.exp_name" in lineage else "")
                     + "".join(f" Not measured: {p} ({r})." for p, r in absent.items()))
             client.update_model_version(section.model_name, version, description=desc)
             mlflow.set_tag("g2p.registered_version", version)
     if progress:
-        print(f"register: {section.model_name} version {version} -> alias {CHALLENGER}", flush=True)
+        print(f"register: {section.model_name} version {version} -> alias {alias or '(none)'}", flush=True)
     return {"model_name": section.model_name, "version": version, "run_id": run_id,
-            "model_uri": f"models:/{section.model_name}/{version}", "info": info}
+            "model_uri": f"models:/{section.model_name}/{version}", "alias": alias, "info": info}
 
 
 def _version_metrics(client: Any, mv: Any) -> dict[str, float]:
@@ -430,6 +440,34 @@ def add_promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the decision as JSON here")
 
 
+def register_stage(reg: RegisterSection, prom: PromoteSection, root: str | Path = ".") -> dict[str, Any]:
+    """The ``register`` stage: register, then (``auto_promote``) the gate; the decision ``reports/promotion.json``
+    holds.
+
+    Under ``dvc exp run`` the version moves no alias and meets no gate unless
+    ``register.promote_experiments``: the decision says so and names the experiment.
+    """
+    from pipelines.tracking import dvc_experiment, tracking_uri
+
+    exp = dvc_experiment()
+    hold = bool(exp) and not reg.promote_experiments
+    result = register(reg, prom, root=root, alias=None if hold else CHALLENGER)
+    registered = {k: v for k, v in result.items() if k != "info"}
+    if exp:
+        registered["dvc_experiment"] = exp
+    if hold:
+        reason = (f"registered from DVC experiment {exp['name']!r} (baseline {exp['baseline_rev'][:12]}): "
+                  f"aliases unchanged (register.promote_experiments is false); promote it by hand with "
+                  f"g2p promote --to-version {result['version']}")
+        print(f"register: {reason}", flush=True)
+        return {"action": "registered", "promote": False, "reason": reason, "registered": registered}
+    if not reg.auto_promote:
+        return {"action": "registered", "promote": False, "registered": registered}
+    d = promote(reg.model_name, prom, tracking_uri=tracking_uri(root))
+    print(d.text())
+    return {**d.to_dict(), "registered": registered}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.registry", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -442,17 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "promote":
             return cmd_promote(a)
-        from pipelines.tracking import tracking_uri
-
-        reg, prom = load_sections(a.params)
-        result = register(reg, prom, root=a.root)
-        if reg.auto_promote:
-            d = promote(reg.model_name, prom, tracking_uri=tracking_uri(a.root))
-            print(d.text())
-            out = {**d.to_dict(), "registered": {k: v for k, v in result.items() if k != "info"}}
-        else:
-            out = {"action": "registered", "promote": False, "registered": {k: v for k, v in result.items()
-                                                                            if k != "info"}}
+        out = register_stage(*load_sections(a.params), root=a.root)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
         return 0

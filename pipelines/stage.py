@@ -10,8 +10,11 @@ What it adds to ``python -m pipelines.ray_train``:
   (:func:`tracking.ray_hooks_factory`), the final model folder as artifacts
   (:func:`tracking.log_checkpoint`), and for the diffusion and aligner stages a
   sample grid from fixed validation barcodes and seeds (driver side);
-- ``outputs/metrics/<stage>.json`` (final loss, steps, seconds) and
-  ``outputs/plots/<stage>.csv`` (step, loss) for ``dvc metrics/plots show``;
+- ``metrics/<stage>.json`` (final loss, steps, seconds) and
+  ``metrics/plots/<stage>.csv`` (step, loss) for ``dvc metrics/plots show``:
+  small files Git tracks (``cache: false``, not ignored), so every commit and
+  every ``dvc exp run`` experiment carries them and ``dvc exp show``,
+  ``dvc metrics diff`` and ``dvc plots diff`` compare them across revisions;
 - a Ray run name keyed by what decides the result (stage, config, inputs), so
   a crashed stage resumes from its last checkpoint while a stage re-run with
   other params or inputs starts afresh instead of "resuming" a finished run.
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the final model folder")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--grid-data", default=None, help="arrays file with images: fixed barcodes for a sample grid")
-    p.add_argument("--metrics-dir", default="outputs/metrics")
-    p.add_argument("--plots-dir", default="outputs/plots")
+    p.add_argument("--metrics-dir", default="metrics")
+    p.add_argument("--plots-dir", default="metrics/plots")
     p.add_argument("--export", choices=["training", "pipeline"], default="training",
                    help="layout of --out: the training layout the next stage loads, or the "
                         "G2PDiffusionPipeline layout (the final model)")

@@ -4,11 +4,16 @@ The model core knows nothing of MLflow; it enters through :class:`Hooks`
 (``on_step`` -> metrics, ``on_eval`` -> a sample grid) and two functions the
 stage driver calls (:func:`start_stage_run`, :func:`log_checkpoint`).
 
-Store: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` (MLflow 3's
-default backend; the plain file store is deprecated). For a sqlite store our
-experiment keeps its artifacts in the ``mlruns/`` folder next to the database,
-so runs and artifacts move together and nothing depends on the working
-directory a stage happened to start in.
+Store: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlflow.db`` (MLflow
+3's default backend; the plain file store is deprecated). ``<project>`` is
+``DVC_ROOT`` when DVC runs the stage: DVC sets it to the project's root, and
+``dvc exp run --temp`` / ``--queue`` set it to the *original* project although
+the stage runs in a copy under ``.dvc/tmp/exps/`` (dvc/repo/experiments/queue/
+base.py), so an experiment logs to the project's store, not to a copy of
+``mlflow.db`` that is deleted with the copy. Otherwise the checkout this module
+sits in. For a sqlite store our experiment keeps its artifacts in the
+``mlruns/`` folder next to the database, so runs and artifacts move together
+and nothing depends on the working directory a stage happened to start in.
 
 Grouping (one parent run per ``dvc repro``, a nested run per stage). DVC runs
 every stage as its own process, so stages must *find* the parent:
@@ -17,7 +22,12 @@ every stage as its own process, so stages must *find* the parent:
    pipelines.tracking begin`` (prints a fresh parent id), exports it for
    ``dvc repro`` (DVC passes the environment to stage commands) and ends it
    with ``... end``. Exact and race-free.
-2. Without it (a bare ``dvc repro``, ``dvc exp run``) a stage joins the newest
+2. ``MLFLOW_RUN_ID``: ``mlflow run mlproject`` creates a run and hands its id
+   to the entry point in this variable; ``mlflow.start_run()`` would *resume*
+   that run in every stage (all stages' params and metrics in one run), so
+   the stages take it as their parent instead and nest one run each under it,
+   in its experiment.
+3. Otherwise (a bare ``dvc repro``, ``dvc exp run``) a stage joins the newest
    *still running* parent tagged with the same pipeline key, created in the
    last ``PARENT_MAX_AGE_H`` hours, or creates one. The key hashes the git
    commit, the data hash from ``data.dvc`` and the params.yaml hash: exactly
@@ -52,6 +62,10 @@ from typing import Any
 from g2p.train.loop import Hooks
 
 ENV_PARENT = "G2P_PIPELINE_RUN_ID"
+ENV_PROJECT_RUN = "MLFLOW_RUN_ID"  # set by `mlflow run` for its entry point (mlflow/projects/utils.py)
+ENV_DVC_ROOT = "DVC_ROOT"  # set by DVC for every stage: the project root, also in --temp/--queue experiments
+ENV_DVC_EXP = "DVC_EXP_NAME"  # set by DVC only while `dvc exp run` runs the stages
+ENV_DVC_BASELINE = "DVC_EXP_BASELINE_REV"
 ENV_EXPERIMENT = "G2P_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "g2p"
 PARENT_MAX_AGE_H = 24.0
@@ -64,9 +78,21 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]  # pipelines/ sits at the repository root
 
 
+def store_root(root: str | Path | None = None) -> Path:
+    """Where the default sqlite store lives: ``DVC_ROOT`` (the original project, also in a temp experiment
+    workspace), else ``root``, else this checkout."""
+    return Path(os.environ.get(ENV_DVC_ROOT) or root or repo_root()).resolve()
+
+
 def tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI``, else the repository's sqlite store (absolute, so any cwd works)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root or repo_root()).resolve() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI``, else the project's sqlite store (absolute, so any cwd works)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
+
+
+def dvc_experiment() -> dict[str, str]:
+    """``{"name", "baseline_rev"}`` while ``dvc exp run`` runs this stage (DVC's environment), else ``{}``."""
+    name = os.environ.get(ENV_DVC_EXP)
+    return {"name": name, "baseline_rev": os.environ.get(ENV_DVC_BASELINE, "")} if name else {}
 
 
 def _client(uri: str | None = None):
@@ -108,7 +134,8 @@ def _sha256_json(obj: Any) -> str:
 
 
 def lineage_tags(root: str | Path | None = None) -> dict[str, str]:
-    """What a run was made from: git commit (+ dirty), data.dvc hash, params hashes, GX summary.
+    """What a run was made from: git commit (+ dirty), data.dvc hash, params hashes, GX summary,
+    and the DVC experiment (name, baseline commit) when ``dvc exp run`` runs the stage.
 
     Per-section params hashes let one compare, say, only ``train_vae`` across
     runs; the dirty flag ignores ``dvc.lock`` and ``.gitignore`` files, which
@@ -132,6 +159,8 @@ def lineage_tags(root: str | Path | None = None) -> dict[str, str]:
         params = yaml.safe_load(params_file.read_text()) or {}
         tags["params.sha256"] = _sha256_json(params)
         tags.update({f"params.{k}.sha256": _sha256_json(v)[:16] for k, v in params.items()})
+    if exp := dvc_experiment():
+        tags.update({"dvc.exp_name": exp["name"], "dvc.exp_baseline_rev": exp["baseline_rev"]})
     summary = root / "outputs" / "validation" / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
@@ -169,9 +198,11 @@ def find_pipeline(tags: Mapping[str, str], uri: str | None = None,
 
 def pipeline_run_id(root: str | Path | None = None, tags: Mapping[str, str] | None = None,
                     uri: str | None = None) -> str:
-    """``G2P_PIPELINE_RUN_ID``, else a matching open parent, else a new one."""
+    """``G2P_PIPELINE_RUN_ID``, else ``mlflow run``'s ``MLFLOW_RUN_ID``, else a matching open parent, else a new one."""
     if os.environ.get(ENV_PARENT):
         return os.environ[ENV_PARENT]
+    if os.environ.get(ENV_PROJECT_RUN):
+        return os.environ[ENV_PROJECT_RUN]
     tags = tags if tags is not None else lineage_tags(root)
     return find_pipeline(tags, uri) or begin_pipeline(root, tags, uri)
 
@@ -211,14 +242,84 @@ def log_params(run_id: str, params: Mapping[str, str], uri: str | None = None) -
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+def validated_dataset(root: str | Path | None = None, tags: Mapping[str, str] | None = None) -> Any | None:
+    """The validated records (``outputs/validation/valid.parquet``) as an MLflow dataset, or None before ``validate``.
+
+    Its digest is the ``data.dvc`` hash (the data version DVC restores with
+    ``dvc checkout``), so runs on the same data share one dataset in MLflow's
+    UI; metadata only (name, source path, schema and row count from the
+    Parquet footer): nothing is read or copied, whatever the data's size.
+    """
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = Path(root or repo_root())
+    path = root / "outputs" / "validation" / "valid.parquet"
+    if not path.exists():
+        return None
+    tags = tags if tags is not None else lineage_tags(root)
+    md5 = tags.get("data.md5") or ""
+    digest = md5 if 0 < len(md5) <= 36 else hashlib.sha256(md5.encode()).hexdigest()[:32]  # MLflow: <= 36
+    with warnings.catch_warnings():  # "" and "file" resolve to the same local source class: MLflow warns
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path.resolve()))
+    return MetaDataset(source, name="validated-records", digest=digest or None, schema=_parquet_schema(path))
+
+
+def _parquet_schema(path: Path) -> Any:
+    """The file's columns as an MLflow schema, from the Parquet footer (no rows read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.types import ColSpec, DataType, Schema
+
+    def kind(t: Any) -> DataType:
+        t = t.value_type if pa.types.is_dictionary(t) else t  # categoricals: their values' type
+        if pa.types.is_boolean(t):
+            return DataType.boolean
+        if pa.types.is_integer(t):
+            return DataType.long if t.bit_width > 32 else DataType.integer
+        if pa.types.is_floating(t):
+            return DataType.float if t.bit_width == 32 else DataType.double
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return DataType.binary
+        if pa.types.is_timestamp(t) or pa.types.is_date(t):
+            return DataType.datetime
+        return DataType.string
+
+    return Schema([ColSpec(kind(f.type), f.name, required=not f.nullable) for f in pq.read_schema(path)])
+
+
+def _dataset_tags(root: Path, tags: Mapping[str, str]) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    rows = pq.ParquetFile(root / "outputs" / "validation" / "valid.parquet").metadata.num_rows
+    return {"rows": str(rows), "dvc.file": "data.dvc", "data.md5": tags.get("data.md5", ""),
+            "data.nfiles": tags.get("data.nfiles", "")}
+
+
+@contextmanager
+def _without_project_run_env() -> Iterator[None]:
+    """Hide ``MLFLOW_RUN_ID`` from ``mlflow.start_run`` (it would resume that run); restore it afterwards."""
+    saved = os.environ.pop(ENV_PROJECT_RUN, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[ENV_PROJECT_RUN] = saved
+
+
 @contextmanager
 def start_stage_run(stage: str, cfg: Any, root: str | Path | None = None, *,
                     log_system_metrics: bool = True) -> Iterator[Any]:
-    """A nested run for ``stage`` under the pipeline's parent; yields the ``mlflow.ActiveRun``.
+    """A nested run for ``stage`` under the pipeline's parent, in the parent's experiment; yields the
+    ``mlflow.ActiveRun``.
 
-    Params = the flattened config, tags = lineage + stage; the run ends FAILED
-    if the block raises. The fluent API is used only here (system metrics
-    need it); everything else takes a run id.
+    Params = the flattened config, tags = lineage + stage, input = the
+    validated data (:func:`validated_dataset`, context ``stage``); the run
+    ends FAILED if the block raises. The fluent API is used only here (system
+    metrics and ``log_input`` need it); everything else takes a run id.
     """
     import mlflow
 
@@ -226,10 +327,13 @@ def start_stage_run(stage: str, cfg: Any, root: str | Path | None = None, *,
     mlflow.set_tracking_uri(uri)
     tags = lineage_tags(root)
     parent = pipeline_run_id(root, tags, uri)
-    with mlflow.start_run(experiment_id=experiment_id(uri), run_name=stage, parent_run_id=parent, nested=True,
-                          tags={**tags, "g2p.kind": "stage", "g2p.stage": stage},
-                          log_system_metrics=log_system_metrics) as run:
+    exp = _client(uri).get_run(parent).info.experiment_id  # `mlflow run`'s run may sit in another experiment
+    with _without_project_run_env(), mlflow.start_run(
+            experiment_id=exp, run_name=stage, parent_run_id=parent, nested=True,
+            tags={**tags, "g2p.kind": "stage", "g2p.stage": stage}, log_system_metrics=log_system_metrics) as run:
         log_params(run.info.run_id, flatten_params(cfg), uri)
+        if (dataset := validated_dataset(root, tags)) is not None:
+            mlflow.log_input(dataset, context=stage, tags=_dataset_tags(Path(root or repo_root()), tags))
         yield run
 
 

@@ -5,20 +5,23 @@ A throwaway git + DVC repository gets this checkout's pipeline files
 real DVC, a one-node Ray cluster started with ``ray start`` (Ray Data in ``prepare``, Ray Train in every
 training stage) and a real sqlite MLflow store run end to end. Checks: the
 generator folder loads and samples, `dvc metrics show` lists every stage, each
-stage has a nested MLflow run under one parent, and changing a sampling knob
-re-runs no training stage.
+stage has a nested MLflow run under one parent, changing a sampling knob
+re-runs no training stage, `dvc exp show` lists a `dvc exp run --temp`
+experiment with its changed param and the stage metrics beside the workspace's,
+and a stage run by `mlflow run mlproject` nests its run under MLflow's.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.raycluster import RayCluster
-from tests.tiny_pipeline import TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
+from tests.tiny_pipeline import REPO, TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,9 +82,9 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     shown = json.loads(run("dvc", "metrics", "show", "--json", cwd=repo, env=env))
     files = next(iter(shown.values()))["data"]
     for stage in TRAIN_STAGES:
-        m = files[f"outputs/metrics/{stage}.json"]["data"]
+        m = files[f"metrics/{stage}.json"]["data"]
         assert m["steps"] == 4 and m["loss"] == m["loss"], (stage, m)
-        assert (repo / "outputs" / "plots" / f"{stage}.csv").read_text().startswith("step,loss\n")
+        assert (repo / "metrics" / "plots" / f"{stage}.csv").read_text().startswith("step,loss\n")
 
     # MLflow: one nested run per stage under the parent, with step metrics, the model and (diffusion) a grid
     from mlflow import MlflowClient
@@ -113,3 +116,41 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     for stage in ("validate", "prepare", "encode_latents", *TRAIN_STAGES):
         assert f"Running stage '{stage}'" not in out, out
     assert "Running stage 'evaluate'" in out, out
+
+    # an experiment: the run committed (metrics/ and reports/ are Git's), one param changed in a temp copy
+    # with the default store (DVC_ROOT: the project's mlflow.db); `dvc exp show` puts it beside the workspace
+    run("git", "checkout", "params.yaml", cwd=repo, env=env)
+    run("git", "add", "-A", cwd=repo, env=env)
+    run("git", "commit", "-qm", "tiny run", cwd=repo, env=env)
+    exp_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "G2P_PIPELINE_RUN_ID")}
+    lr = 0.0123  # not the tiny preset's
+    run("dvc", "exp", "run", "--temp", "-n", "judge-lr", "-S", f"train_judge.lr={lr}", "train_judge", cwd=repo,
+        env=exp_env)
+    workspace, baseline = json.loads(run("dvc", "exp", "show", "--json", cwd=repo, env=env))
+    (exp,) = [r for e in baseline["experiments"] for r in e["revs"] if r["name"] == "judge-lr"]
+    ws, ex = workspace["data"], exp["data"]
+    assert ex["params"]["params.yaml"]["data"]["train_judge"]["lr"] == lr != ws["params"]["params.yaml"]["data"][
+        "train_judge"]["lr"]
+    for stage in TRAIN_STAGES:  # every stage's metrics on both rows; only the experiment's stage changed
+        assert ex["metrics"][f"metrics/{stage}.json"]["data"]["steps"] == 4, stage
+        same = ex["metrics"][f"metrics/{stage}.json"]["data"]["loss"] == ws["metrics"][f"metrics/{stage}.json"][
+            "data"]["loss"]
+        assert same == (stage != "train_judge"), stage
+    assert "reports/metrics.json" in ex["metrics"] and "outputs/validation/summary.json" in ex["metrics"]
+    exp_runs = client.search_runs([runs["train_judge"].info.experiment_id], "tags.`dvc.exp_name` = 'judge-lr'")
+    assert [r.data.tags["g2p.stage"] for r in exp_runs] == ["train_judge"]
+
+    # `mlflow run mlproject` (a register param changed: only register re-runs): MLflow's run is the parent
+    shutil.copytree(REPO / "mlproject", repo / "mlproject")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["register"]["example_steps"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project_env = {k: v for k, v in env.items() if k != "G2P_PIPELINE_RUN_ID"}
+    run("mlflow", "run", "mlproject", "--env-manager", "local", "--experiment-name", "project", "-P",
+        "target=register", cwd=repo, env=project_env)
+    exp_id = client.get_experiment_by_name("project").experiment_id
+    (project,) = client.search_runs([exp_id], "tags.`mlflow.project.entryPoint` = 'main'")
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{project.info.run_id}'")
+    assert [r.data.tags["g2p.stage"] for r in children] == ["register"] and project.data.params == {
+        "target": "register"}
+    assert children[0].data.tags["g2p.registered_version"] == "2"

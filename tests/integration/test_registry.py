@@ -284,3 +284,31 @@ def test_a_pipeline_folder_registers_and_loads(repo: Path, store: str, tmp_path:
     frame = model.predict(None, pd.DataFrame([{"barcode": BARCODE, "n": 2, "steps": 2, "seed": 1}]))
     assert len(frame) == 2 and list(frame["sample"]) == [0, 1]
     shutil.rmtree(new)
+
+
+def test_an_experiment_registers_but_moves_no_alias(repo: Path, store: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `dvc exp run` (DVC sets DVC_EXP_NAME) the stage registers and tags a version, moves no alias
+    and runs no gate; ``register.promote_experiments: true`` opts in to what `dvc repro` does."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-exp")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    params, out = tmp_path / "params.yaml", tmp_path / "promotion.json"
+    argv = ["register", "--root", str(repo), "--params", str(params), "--out", str(out)]
+    params.write_text("register:\n  model_name: g2pdiffusion\npromote:\n  rule: not_worse_point\n")
+    write_metrics(repo, 0.9, 0.9)
+    assert registry.main(argv) == 0
+    d = json.loads(out.read_text())
+    assert (d["action"], d["promote"], d["registered"]["version"]) == ("registered", False, "1")
+    assert d["registered"]["dvc_experiment"] == {"name": "lr-exp", "baseline_rev": "a" * 40}
+    assert "'lr-exp'" in d["reason"] and "g2p promote --to-version 1" in d["reason"]
+    assert MlflowClient(store).get_registered_model(NAME).aliases == {}  # neither champion nor challenger
+    assert _tags(store, "1")["dvc.exp_name"] == "lr-exp" and _tags(store, "1")["dvc.exp_baseline_rev"] == "a" * 40
+
+    params.write_text("register:\n  model_name: g2pdiffusion\n  promote_experiments: true\n"
+                      "promote:\n  rule: not_worse_point\n")
+    assert registry.main(argv) == 0
+    d = json.loads(out.read_text())
+    assert (d["action"], d["champion_after"], d["registered"]["version"]) == ("first", "2", "2")
+    assert registry.resolve_alias(NAME, "challenger") == registry.resolve_alias(NAME, "champion") == "2"

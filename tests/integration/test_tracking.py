@@ -5,6 +5,7 @@ stage runs from separate processes land under one parent run.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,19 +47,21 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _git(r, "add", "params.yaml", "data.dvc")
     _git(r, "commit", "-qm", "init")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    monkeypatch.delenv(tracking.ENV_PARENT, raising=False)
+    for name in (tracking.ENV_PARENT, tracking.ENV_PROJECT_RUN, tracking.ENV_DVC_ROOT, tracking.ENV_DVC_EXP,
+                 tracking.ENV_DVC_BASELINE):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "store").mkdir()
     return r
 
 
-def _stage_in_subprocess(repo: Path, stage: str) -> str:
+def _stage_in_subprocess(repo: Path, stage: str, env: dict[str, str] | None = None) -> str:
     """A second stage as DVC runs it: its own process, no shared state but the store."""
     code = (f"from pipelines.tracking import start_stage_run\n"
             f"with start_stage_run({stage!r}, {{'x': {{'y': (1, 2)}}}}, {str(repo)!r},\n"
             f"                     log_system_metrics=False) as r:\n"
             f"    print(r.info.run_id)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -77,6 +80,46 @@ def test_lineage_tags(repo: Path) -> None:
     (repo / "params.yaml").write_text("tiny: 1\n")
     changed = tracking.lineage_tags(repo)
     assert changed["git.dirty"] == "true" and tracking.pipeline_key(changed) != tracking.pipeline_key(tags)
+
+
+def test_store_is_the_projects_in_a_dvc_temp_experiment(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run --temp` runs a stage in <project>/.dvc/tmp/exps/...; DVC_ROOT names the project (DVC's
+    queue sets it so): the default store is the project's mlflow.db, not one in the copy."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    assert tracking.tracking_uri(copy) == f"sqlite:///{copy.resolve() / 'mlflow.db'}"  # outside DVC: the root given
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    assert tracking.tracking_uri(copy) == tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")  # an explicit store still wins
+    assert tracking.tracking_uri(copy) == "http://mlflow.internal:5000"
+
+
+def test_project_run_is_the_parent_and_the_data_an_input(repo: Path) -> None:
+    """`mlflow run` hands its run to the stages as MLFLOW_RUN_ID: each stage nests a run under it, in its
+    experiment, rather than resuming it; each stage run has the validated data as an input, digest data.dvc's."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    pd.DataFrame({"processid": ["a", "b", "c"], "dna_barcode": ["ACGT"] * 3}).to_parquet(
+        repo / "outputs" / "validation" / "valid.parquet")
+    client = MlflowClient(tracking.tracking_uri())
+    project = client.create_run(client.create_experiment("projects")).info  # what `mlflow run` makes
+    env = {tracking.ENV_PROJECT_RUN: project.run_id, "MLFLOW_EXPERIMENT_ID": project.experiment_id,
+           tracking.ENV_DVC_EXP: "lr-exp", tracking.ENV_DVC_BASELINE: "f" * 40}
+    stages = [_stage_in_subprocess(repo, s, env) for s in ("train_vae", "train_base")]
+    assert len(set(stages)) == 2 and project.run_id not in stages
+    for rid in stages:
+        run = client.get_run(rid)
+        assert run.data.tags["mlflow.parentRunId"] == project.run_id
+        assert run.info.experiment_id == project.experiment_id and run.info.status == "FINISHED"
+        assert (run.data.tags["dvc.exp_name"], run.data.tags["dvc.exp_baseline_rev"]) == ("lr-exp", "f" * 40)
+        (inp,) = run.inputs.dataset_inputs
+        assert (inp.dataset.name, inp.dataset.digest) == ("validated-records", MD5)
+        assert json.loads(inp.dataset.source)["uri"] == str((repo / "outputs/validation/valid.parquet").resolve())
+        want = {"mlflow.data.context": run.data.tags["g2p.stage"], "rows": "3", "data.md5": MD5}
+        assert {t.key: t.value for t in inp.tags}.items() >= want.items()
+        assert '"processid"' in inp.dataset.schema
+    assert client.get_run(project.run_id).data.params == {}  # not resumed by a stage
 
 
 def test_flatten_params_limits() -> None:
