@@ -426,6 +426,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(d.text())
     if args.out:
         write_decision(d, args.out)
+    from pipelines.promotion import notify_serving
+
+    said = notify_serving(d, args.serve_address, app=args.serve_app)  # None: no server named, or no move
+    if said:
+        print(said)
     return 0
 
 
@@ -438,6 +443,10 @@ def add_promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="decide and print, change nothing")
     p.add_argument("--reason", default=None, help="why (recorded on the version; use it with --force/--to-version)")
     p.add_argument("--out", default=None, help="also write the decision as JSON here")
+    p.add_argument("--serve-address", default=None,
+                   help="Ray dashboard of a running g2p Serve app: pin the new champion in its user_config "
+                        "(default: G2P_SERVE_ADDRESS; neither: serving is not told)")
+    p.add_argument("--serve-app", default="g2p", help="the Serve application to tell (default: g2p)")
 
 
 def register_stage(reg: RegisterSection, prom: PromoteSection, root: str | Path = ".") -> dict[str, Any]:
