@@ -75,7 +75,10 @@ SampleFn = Callable[[int], Any]  # step -> PIL image or uint8 tensor (N, 3, H, W
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]  # pipelines/ sits at the repository root
+    """The checkout this module sits in (pipelines/ is at its root, beside dvc.yaml); from an installed
+    wheel, where site-packages holds no project, the current directory (the project being run)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "dvc.yaml").exists() else Path.cwd()
 
 
 def store_root(root: str | Path | None = None) -> Path:

@@ -252,8 +252,10 @@ class ModelSource:
 
 
 def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the repository's sqlite store (as ``pipelines.tracking`` has it)."""
+    """``MLFLOW_TRACKING_URI``, else the repository's sqlite store (as ``pipelines.tracking`` has it): the
+    checkout's, or from an installed wheel the current directory's."""
     root = Path(__file__).resolve().parents[1]
+    root = root if (root / "dvc.yaml").exists() else Path.cwd()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
