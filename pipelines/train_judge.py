@@ -18,7 +18,7 @@ rather than copied: a ``TorchTrainer`` whose workers run the core training
 function (:mod:`g2p.train.judge`) with ``rank``/``world_size``, DDP through
 ``ray_worker._wrap_for``, ``ray_worker._RayHooks`` for the step log, reports,
 checkpoints and resumption, a nested MLflow run (:func:`tracking.start_stage_run`)
-and ``outputs/metrics/<stage>.json`` / ``outputs/plots/<stage>.csv``
+and ``metrics/<stage>.json`` / ``metrics/plots/<stage>.csv``
 (:func:`stage.write_dvc_outputs`). What differs is the model (a
 :class:`~g2p.judge.Judge` or a :class:`~g2p.trait_reader.TraitReader`, not a
 ``G2PDiffusion``) and what the driver measures after training:
@@ -380,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--preset", default=None, help="apply params on top of this preset (tests: tiny)")
     p.add_argument("--storage-path", default=None, help="Ray run storage (default: params ray.storage_path)")
-    p.add_argument("--metrics-dir", default="outputs/metrics")
-    p.add_argument("--plots-dir", default="outputs/plots")
+    p.add_argument("--metrics-dir", default="metrics")
+    p.add_argument("--plots-dir", default="metrics/plots")
     a = p.parse_args(argv)
     summary = run(a.stage, data=a.data, out=a.out, params=a.params, valid=a.valid, root=a.root,
                   ground_truth=a.ground_truth or str(Path(a.root) / TRUTH_RELPATH),

@@ -72,7 +72,7 @@ def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict
     # the trait reader was skipped, and says why
     reason = json.loads((repo / "models" / "trait_reader" / "ABSENT.json").read_text())["reason"]
     assert "no synthetic ground truth" in reason
-    skipped = json.loads((repo / "outputs" / "metrics" / "train_trait_reader.json").read_text())
+    skipped = json.loads((repo / "metrics" / "train_trait_reader.json").read_text())
     assert skipped["skipped"] is True and skipped["reason"] == reason
 
     # evaluate: the tables are there, the truth-based metrics are absent with the reason
@@ -108,6 +108,6 @@ def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict
     assert set(runs) == {*TRAIN_STAGES, "evaluate", "register"}
     assert runs["train_trait_reader"].data.tags["g2p.skipped"] == reason
     for stage in ("train_vae", "train_base"):
-        skipped = json.loads((repo / "outputs" / "metrics" / f"{stage}.json").read_text())
+        skipped = json.loads((repo / "metrics" / f"{stage}.json").read_text())
         assert skipped["skipped"] is True and runs[stage].data.tags["g2p.skipped"] == skipped["reason"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
