@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         for mode, size in (("batched", args.batch), ("unbatched", 1)):
-            section = ServeSection(max_batch_size=size, batch_wait_timeout_s=args.wait, reload_interval_s=0,
+            section = ServeSection(max_batch_size=size, batch_wait_timeout_s=args.wait,
                                    max_n=max(8, args.n), max_steps=max(100, args.steps), request_timeout_s=600)
             app = ray_app.build_app(ModelSource(model_dir=model_dir), section)
             serve.run(app, name="bench", route_prefix="/", blocking=False)

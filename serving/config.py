@@ -27,9 +27,9 @@ class ServeSection:
     a URI of the code (e.g. a repository archive at a commit, ``https://.../<sha>.zip``)
     and pip pins to install on the cluster; empty = the cluster's image has both.
 
-    ``reload_interval_s`` is no longer read: new model versions reach the
-    replicas through Serve's ``user_config`` (a promotion redeploys it), not
-    by polling. The key stays valid so existing ``params.yaml`` files load.
+    New model versions reach the replicas through Serve's ``user_config`` (a
+    promotion redeploys it), not by polling: the old ``reload_interval_s`` key
+    is refused with that explanation (:data:`REMOVED_KEYS`).
     """
 
     host: str = "127.0.0.1"
@@ -49,7 +49,6 @@ class ServeSection:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     request_timeout_s: float = 120.0
-    reload_interval_s: float = 30.0
     max_vary_rates: int = 6
     working_dir: str = ""
     pip: tuple[str, ...] = ()
@@ -64,7 +63,7 @@ class ServeSection:
             ("max_replicas", self.max_replicas >= max(1, self.min_replicas)),
             ("target_ongoing_requests", self.target_ongoing_requests > 0),
             ("num_cpus", self.num_cpus >= 0), ("num_gpus", self.num_gpus >= 0),
-            ("request_timeout_s", self.request_timeout_s > 0), ("reload_interval_s", self.reload_interval_s >= 0),
+            ("request_timeout_s", self.request_timeout_s > 0),
             ("max_vary_rates", self.max_vary_rates >= 1), ("model_uri", bool(self.model_uri)),
             ("pip", all(isinstance(r, str) and r.strip() for r in self.pip)),
         )
@@ -80,8 +79,17 @@ def section_dict(section: ServeSection) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 
+# Keys the section no longer has, with what replaced them (a clearer error than "unknown key").
+REMOVED_KEYS = {"reload_interval_s": "replicas no longer poll for new versions: a promotion reaches them through "
+                                     "Serve's user_config (g2p serve reconfigure, g2p promote --serve-address); "
+                                     "delete the key"}
+
+
 def serve_section(raw: dict[str, Any] | None) -> ServeSection:
     """Strictly build the section: unknown keys and wrong types name ``serve.<key>``."""
+    for key, why in REMOVED_KEYS.items():
+        if key in (raw or {}):
+            raise ConfigError(f"serve.{key}: {raw[key]!r} is no longer a setting: {why}")
     return _build(ServeSection, raw or {}, "serve")
 
 

@@ -145,8 +145,8 @@ def runtime_env(section: ServeSection) -> dict[str, Any]:
     return env
 
 
-# Keys of the section the replicas do not read (the runtime env is the config's own; nothing polls).
-NOT_ARGS = ("reload_interval_s", "working_dir", "pip")
+# Keys of the section the replicas do not read (the runtime env is the config's own).
+NOT_ARGS = ("working_dir", "pip")
 
 
 def section_args(section: ServeSection) -> dict[str, Any]:

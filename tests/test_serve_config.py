@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from g2p.config import ConfigError
-from serving.config import ServeSection
+from serving.config import ServeSection, serve_section
 from serving.serve_config import AppArgs, ModelConfig, serve_config, validate
 
 
@@ -59,6 +59,10 @@ def test_config_errors_name_the_key_and_value() -> None:
         ModelConfig(model_dir="m", version="2")
     with pytest.raises(ValueError, match="exactly one"):
         ModelConfig()
+    # a removed key says what replaced it, not just "unknown"
+    with pytest.raises(ConfigError, match=r"serve\.reload_interval_s: 30 is no longer a setting: .*user_config"):
+        serve_section({"reload_interval_s": 30})
+    assert serve_section({"max_n": 9}).max_n == 9
 
 
 def test_g2p_serve_config_cli(tmp_path: Path, capsys) -> None:

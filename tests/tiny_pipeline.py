@@ -76,3 +76,41 @@ def stage_runs(env: dict[str, str]) -> dict[str, object]:
     parent = env["G2P_PIPELINE_RUN_ID"]
     return {r.data.tags["g2p.stage"]: r for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+class BackgroundRepro:
+    """``dvc repro`` of a tiny repository in a subprocess, on a one-node Ray of its own, awaited later.
+
+    The two end-to-end repros run side by side: a tiny stage spends most of its time starting processes
+    (Python, Ray actors, imports), not computing, so two repros on two cores take little longer than the
+    longer one alone. ``start`` begins; ``wait`` returns the stdout or fails with the tails of the output;
+    ``close`` (always) kills what is left and stops the Ray.
+    """
+
+    def __init__(self, repo: Path, env: dict[str, str], ray_dir: Path) -> None:
+        from tests.raycluster import RayCluster
+
+        self.repo, self.env = repo, env
+        self.cluster = RayCluster(ray_dir, num_nodes=1, cpus_per_node=3, object_store_mb=512)
+        self.out, self.err = repo.parent / "repro.out", repo.parent / "repro.err"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> BackgroundRepro:
+        self.cluster.start()
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(["dvc", "repro"], cwd=self.repo, env={**self.env, **self.cluster.env()},
+                                         stdout=out, stderr=err, text=True)
+        return self
+
+    def wait(self, timeout: float) -> str:
+        assert self.proc is not None, "BackgroundRepro.wait before start"
+        rc = self.proc.wait(timeout)
+        out = self.out.read_text()
+        assert rc == 0, f"dvc repro failed ({rc}):\n{out[-4000:]}\n{self.err.read_text()[-8000:]}"
+        return out
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.cluster.stop()

@@ -32,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("page")
     model = tiny_model(tmp / "model")
     valid = tiny_records(tmp / "data", BARCODES)
-    section = ServeSection(max_n=6, max_steps=10, default_n=2, default_steps=2, reload_interval_s=0)
+    section = ServeSection(max_n=6, max_steps=10, default_n=2, default_steps=2)
     ray.init(num_cpus=2, include_dashboard=False)
     url = ray_app.start(ModelSource(model_dir=str(model)), section, port=free_port(), valid_parquet=str(valid),
                         data_root=str(tmp / "data"))
@@ -107,7 +107,8 @@ def test_page_submit_a_barcode_and_see_images(server, browser) -> None:
 
     # the sweeps of g2p vary
     drv.find_element(By.ID, "vary").click()
-    wait.until(lambda d: len(loaded_images(d, "img.sweep")) == 6 + 7 and all(loaded_images(d, "img.sweep")))  # g2p.variation defaults
+    # 6 mutation rates + 7 latitudes: g2p.variation's defaults
+    wait.until(lambda d: len(loaded_images(d, "img.sweep")) == 6 + 7 and all(loaded_images(d, "img.sweep")))
 
     # a pasted bad barcode: the 422 message names the field and the value
     select.select_by_value("")

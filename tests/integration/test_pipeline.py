@@ -37,13 +37,20 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return repo, make_tiny_repo(repo, synth)
 
 
-def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    repo, env = pipeline_repo
+def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                real_data_repro_beside: None) -> None:
+    repo, env = pipeline_repo  # real_data_repro_beside: test_real_data_pipeline's repro runs meanwhile
     env = begin_pipeline_run(repo, env)
     # the stages join one Ray started for the test (as a cluster's head) instead of each starting and stopping
     # its own (~14 s a stage); a stage's own local Ray is ensure_ray's other branch, run by the in-process tests
-    with RayCluster(tmp_path / "ray", num_nodes=1, cpus_per_node=3, object_store_mb=512) as cluster:
+    cluster = RayCluster(tmp_path / "ray", num_nodes=1, cpus_per_node=3, object_store_mb=512)
+    with cluster:
         run("dvc", "repro", cwd=repo, env={**env, **cluster.env()})
+        check_repro(repo, env, cluster.env())
+
+
+def check_repro(repo: Path, env: dict[str, str], ray_env: dict[str, str]) -> None:
+    """The checks of the repro: ``ray_env`` joins the test's Ray (the experiment's stage runs there too)."""
 
     # the final model is a diffusers pipeline folder that loads and samples
     import torch
@@ -122,7 +129,7 @@ def test_repro_trains_every_stage_and_tracks_it(pipeline_repo: tuple[Path, dict[
     run("git", "checkout", "params.yaml", cwd=repo, env=env)
     run("git", "add", "-A", cwd=repo, env=env)
     run("git", "commit", "-qm", "tiny run", cwd=repo, env=env)
-    exp_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "G2P_PIPELINE_RUN_ID")}
+    exp_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "G2P_PIPELINE_RUN_ID")} | ray_env
     lr = 0.0123  # not the tiny preset's
     run("dvc", "exp", "run", "--temp", "-n", "judge-lr", "-S", f"train_judge.lr={lr}", "train_judge", cwd=repo,
         env=exp_env)

@@ -13,8 +13,10 @@ the truth-based metrics are absent and why, and ``register`` registers the
 model and records the promotion decision. Real DVC, Ray and MLflow (sqlite),
 tiny preset. The stages join one Ray started for the test (``ray start``, as a
 cluster's head: ``RAY_ADDRESS``, code through the runtime env) rather than each
-starting and stopping its own (about 14 s a stage); ``test_pipeline.py`` runs
-the stages that start their own.
+starting and stopping its own (about 14 s a stage). The repro runs in the
+background from the session fixture ``real_data_repro``
+(tests/integration/conftest.py), beside ``test_pipeline.py``'s when both are
+selected; this test awaits it.
 """
 
 from __future__ import annotations
@@ -26,41 +28,16 @@ import pandas as pd
 import pytest
 
 from g2p.data.layout import TRUTH_RELPATH
-from tests.fixtures import build_root, replicated_records
-from tests.raycluster import RayCluster
-from tests.tiny_pipeline import TRAIN_STAGES, begin_pipeline_run, make_tiny_repo, run, stage_runs
+from tests.fixtures import replicated_records
+from tests.tiny_pipeline import TRAIN_STAGES, stage_runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def real_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    base = tmp_path_factory.mktemp("real_pipeline")
-    download = build_root(base / "download", replicated_records())
-    repo = base / "repo"
-    repo.mkdir()
-
-    def import_real(repo: Path, env: dict[str, str]) -> None:
-        out = run("g2p", "data", "import-bioscan", "--root", str(download), "--out", "data",
-                  "--mode", "copy", "--quiet", cwd=repo, env=env)
-        summary = json.loads(out)
-        assert summary["records_out"] == len(replicated_records()) and summary["images_missing"] == 0, summary
-
-    # one Ray worker and 2 steps a stage: this test is about the data path (DDP: test_pipeline.py);
-    # train_vae and train_base skipped (steps: 0, as the paper preset does): their input models go on, and
-    # the real records still pass through encode_latents, train_diffusion, train_aligner and train_judge
-    return repo, make_tiny_repo(repo, import_real, steps=2,
-                                params={"ray": {"num_workers": 1}, "train_vae": {"steps": 0},
-                                        "train_base": {"steps": 0}})
-
-
-def test_repro_reaches_register_without_ground_truth(real_repo: tuple[Path, dict[str, str]],
-                                                     tmp_path: Path) -> None:
-    repo, env = real_repo
+def test_repro_reaches_register_without_ground_truth(real_data_repro: tuple[Path, dict[str, str], object]) -> None:
+    repo, env, job = real_data_repro  # started in the background (tests/integration/conftest.py)
     assert not (repo / "data" / TRUTH_RELPATH).exists()
-    env = begin_pipeline_run(repo, env)
-    with RayCluster(tmp_path / "ray", num_nodes=1, cpus_per_node=3, object_store_mb=512) as cluster:
-        out = run("dvc", "repro", cwd=repo, env={**env, **cluster.env()})
+    out = job.wait(timeout=800)
     assert "Running stage 'register'" in out, out
 
     # every record of the import passed validation (species with spaces, records without a place)
