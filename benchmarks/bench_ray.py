@@ -52,7 +52,8 @@ def make_data(n: int, image_size: int, seed: int = 0) -> Arrays:
         images[i, i % 2, q:3 * q, q:3 * q] = 30
     return Arrays(processid=np.array([f"B{i}" for i in range(n)]), barcode=barcodes,
                   lat=torch.linspace(-60, 60, n), lon=torch.linspace(-120, 120, n),
-                  has_place=torch.ones(n, dtype=torch.bool), species=np.array([f"s{i % 2}" for i in range(n)], dtype=object),
+                  has_place=torch.ones(n, dtype=torch.bool),
+                  species=np.array([f"s{i % 2}" for i in range(n)], dtype=object),
                   images=torch.from_numpy(images))
 
 
